@@ -1,0 +1,45 @@
+"""The `omniforcing` command: the composition root.
+
+Each package contributes its commands through a `register(app)` function so that this file stays
+a table of contents. `deploy` is imported lazily inside `register_all` because the CLI is the one
+place allowed to see every layer.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="omniforcing",
+    help="Distil an audio+video DiT into a streaming generator, track it, promote it, serve it.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+# Modules that expose `register(app: typer.Typer) -> None`; a missing one is skipped so that a
+# partial checkout still has a working CLI.
+_COMMAND_MODULES = ("data.cli", "pipeline.commands", "deploy.cli")
+
+
+def register_all(target: typer.Typer) -> None:
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                raise
+            continue
+        module.register(target)
+
+
+register_all(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
