@@ -1,0 +1,277 @@
+"""Job configuration: one YAML per job, validated into strict pydantic models.
+
+Holds the typed sections (model, data, train, scaling, storage, mlflow, distill), loading with
+`--set a.b=c` overrides, error messages that name the offending key path, and the fingerprint of
+the parts that matter for resume. It does not build models, engines or datasets (see
+`pipeline.trainer` / `pipeline.parallelize`) and never touches Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or an override; the message names the key path."""
+
+
+class _Strict(BaseModel):
+    # extra="forbid": an unknown or mistyped key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Strict):
+    preset: Literal["tiny", "demo", "ltx2"] = "tiny"  # named model.config preset
+    causal: bool | None = None  # None: the stage decides (teacher False, student True)
+    num_sinks: int | None = Field(default=None, ge=0)  # audio sink tokens (student only)
+    overrides: dict[str, Any] = {}  # any ModelConfig field, nested for video/audio
+
+    @model_validator(mode="after")
+    def _check_overrides(self) -> ModelSection:
+        # Build the ModelConfig once so a bad override fails at load time with its path.
+        try:
+            from model import ModelConfig, preset
+        except ImportError:  # model package not importable (partial checkout): check later
+            return self
+        try:
+            ModelConfig.from_dict(_deep_merge(preset(self.preset).to_dict(), self.overrides))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"model.overrides: {err}") from None
+        return self
+
+
+class DataSection(_Strict):
+    source: Literal["shards", "random"] = "shards"  # random: in-memory latents (tests, benches)
+    path: str = "data/shards"  # shard folder, local or s3://bucket/prefix
+    codec_dir: str | None = None  # fitted codecs (Bundle dir); None: <path>/codecs
+    storage_options: dict[str, str] = {}  # e.g. {"endpoint_url": "http://127.0.0.1:5555"}
+    batch_size: int = Field(default=2, ge=1)  # per worker, per micro-step
+    clips: int | None = Field(default=None, ge=1)  # use at most this many clips (None: all)
+    seconds: int = Field(default=1, ge=1)  # random source: clip length in one-second blocks
+    random_clips: int = Field(default=64, ge=1)  # random source: dataset size
+
+
+class OptimizerSection(_Strict):
+    name: Literal["adamw"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    eps: float = Field(default=1e-8, gt=0.0)
+
+
+class EmaSection(_Strict):
+    enabled: bool = True
+    decay: float = Field(default=0.999, ge=0.0, le=1.0)
+
+
+class TrainSection(_Strict):
+    steps: int = Field(default=100, ge=1)  # optimizer steps (not micro-steps)
+    lr: float = Field(default=3e-4, gt=0.0)
+    optimizer: OptimizerSection = OptimizerSection()
+    warmup_steps: int = Field(default=10, ge=0)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)  # cosine floor as a fraction of lr
+    grad_accum: int = Field(default=1, ge=1)
+    clip_grad: float = Field(default=1.0, ge=0.0)  # 0 disables clipping
+    ema: EmaSection = EmaSection()
+    text_dropout: float = Field(default=0.1, ge=0.0, le=1.0)  # caption → "" for CFG
+    seed: int = 0
+    zero_stage: Literal[1, 2, 3] = 2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    checkpoint_every: int = Field(default=50, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    log_every: int = Field(default=1, ge=1)
+    reliance_every: int = Field(default=25, ge=0)  # cross-modal reliance metric; 0 disables
+    plot_every: int = Field(default=50, ge=0)  # loss-curve PNG artifact; 0: only at the end
+
+
+class ScalingSection(_Strict):
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)  # fractional on small CPU boxes
+    gpus_per_worker: float = Field(default=1.0, ge=0.0)  # used only when use_gpu
+    max_failures: int = Field(default=1, ge=-1)  # Ray FailureConfig; -1 = unlimited
+
+
+class StorageSection(_Strict):
+    path: str = "runs"  # local folder or s3://bucket/prefix (checkpoints, exports)
+    endpoint: str | None = None  # custom S3 endpoint, e.g. http://127.0.0.1:5555
+    region: str = "us-east-1"
+
+
+class MlflowSection(_Strict):
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite in run folder
+    experiment: str = "omniforcing"
+
+
+class DistillSection(_Strict):
+    """Typed home of the distillation stages (`ode`, `self-forcing`); extended by that stage."""
+
+    teacher: str | None = None  # Bundle dir, models:/ URI or MLflow run id of the teacher
+    student_sigmas: list[float] = [1.0, 0.75, 0.545]  # few-step σ list of the student
+    critic_updates_per_generator: int = Field(default=5, ge=1)  # TTUR 5:1
+    cfg_video: float = Field(default=3.0, ge=0.0)  # teacher CFG scale, video
+    cfg_audio: float = Field(default=3.0, ge=0.0)  # teacher CFG scale, audio
+
+
+class JobConfig(_Strict):
+    schema_version: int = SCHEMA_VERSION
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    scaling: ScalingSection = ScalingSection()
+    storage: StorageSection = StorageSection()
+    mlflow: MlflowSection = MlflowSection()
+    distill: DistillSection = DistillSection()
+
+    def build_model_config(self, causal: bool) -> Any:
+        """The model.ModelConfig of this job; `causal` is the stage's default."""
+        from model import ModelConfig, preset
+
+        d = _deep_merge(preset(self.model.preset).to_dict(), self.model.overrides)
+        d["causal"] = causal if self.model.causal is None else self.model.causal
+        if self.model.num_sinks is not None:
+            d["num_sinks"] = self.model.num_sinks
+        return ModelConfig.from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# Keys that may change between an interrupted run and its resume without changing its maths.
+_RESUME_FREE = (
+    "train.steps",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.reliance_every",
+    "train.plot_every",
+    "scaling.max_failures",
+    "scaling.cpus_per_worker",
+    "storage",
+    "mlflow",
+)
+
+
+def resume_view(cfg: JobConfig | dict[str, Any]) -> dict[str, Any]:
+    """The flattened parts of a config that must match for a checkpoint to be resumable."""
+    flat = flatten(cfg.to_dict() if isinstance(cfg, JobConfig) else cfg)
+    return {
+        k: v
+        for k, v in flat.items()
+        if not any(k == free or k.startswith(free + ".") for free in _RESUME_FREE)
+    }
+
+
+def fingerprint(cfg: JobConfig | dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of `resume_view(cfg)`."""
+    blob = json.dumps(resume_view(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def resume_diff(old: JobConfig | dict[str, Any], new: JobConfig | dict[str, Any]) -> list[str]:
+    """Dotted key paths whose resume-relevant values differ, as `key: old -> new`."""
+    a, b = resume_view(old), resume_view(new)
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and empty dicts stay leaves."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], value); the value is parsed as YAML so `3`, `true`, `[1,2]` type."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE (e.g. train.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: empty component in key path {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({err})") from None
+    return parts, value
+
+
+def apply_override(raw: dict[str, Any], parts: list[str], value: Any) -> None:
+    """Set raw[parts...] = value, creating mappings; a non-mapping on the way is an error."""
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(
+                f"--set {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is not a section"
+            )
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> JobConfig:
+    """Read a YAML file (or start from defaults), apply `--set` overrides, validate strictly."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        apply_override(raw, *parse_override(text))
+    return validate(raw, source=str(path) if path else "<defaults>")
+
+
+def validate(raw: dict[str, Any], source: str = "<dict>") -> JobConfig:
+    """Validate a raw mapping; every problem is reported with its dotted key path."""
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: invalid config\n" + _format_errors(err)) from None
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {loc}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
+    return out

@@ -1,0 +1,155 @@
+"""Apply DeepSpeed ZeRO to a built network, from the typed train/scaling config.
+
+Holds: the DeepSpeed config dict (AdamW via torch_adam, ZeRO stage, bf16 on GPU / fp32 on CPU,
+grad accumulation, clipping), the warm-up + cosine/constant LR multiplier, `make_engine`,
+shard-aware EMA, and gathering a full state dict under any ZeRO stage. It does not define models
+(model/ does) and does not run the loop (pipeline.trainer does). Parallelism is applied *to* a
+model here, never written into it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.config import JobConfig
+
+
+def use_bf16(cfg: JobConfig) -> bool:
+    if cfg.train.precision == "auto":
+        return cfg.scaling.use_gpu and torch.cuda.is_available()
+    return cfg.train.precision == "bf16"
+
+
+def ds_config(cfg: JobConfig, lr: float | None = None) -> dict[str, Any]:
+    """DeepSpeed config for one engine; `lr` overrides train.lr (e.g. a critic's own rate)."""
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.clip_grad,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": lr if lr is not None else t.lr,
+                "betas": list(t.optimizer.betas),
+                "eps": t.optimizer.eps,
+                "weight_decay": t.optimizer.weight_decay,
+                "torch_adam": True,  # plain torch.optim.AdamW: no JIT-built fused kernel
+            },
+        },
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": use_bf16(cfg)},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_multiplier(step: int, cfg: JobConfig) -> float:
+    """LR factor at optimizer step `step` (0-based): linear warm-up, then constant or cosine."""
+    t = cfg.train
+    if t.warmup_steps and step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return 1.0
+    span = max(1, t.steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class _LrLambda:
+    # A callable object (not a lambda) so LambdaLR.state_dict() stays plain data.
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, step: int) -> float:
+        return lr_multiplier(step, self.cfg)
+
+
+def make_engine(net: nn.Module, cfg: JobConfig, lr: float | None = None) -> Any:
+    """deepspeed.initialize on `net`; returns the engine (optimizer + LR scheduler inside)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=net,
+        model_parameters=[p for p in net.parameters() if p.requires_grad],
+        config=ds_config(cfg, lr),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, _LrLambda(cfg)),
+    )
+    return engine
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a parameter: its ZeRO-3 partition, or the whole tensor."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+
+class Ema:
+    """Exponential moving average of this rank's parameter pieces, kept in fp32."""
+
+    def __init__(self, net: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.names = [n for n, p in net.named_parameters() if p.requires_grad]
+        params = dict(net.named_parameters())
+        self.shadow = {n: _local(params[n]).detach().float().clone() for n in self.names}
+
+    @torch.no_grad()
+    def update(self, net: nn.Module) -> None:
+        params = dict(net.named_parameters())
+        for n in self.names:
+            self.shadow[n].lerp_(_local(params[n]).detach().float(), 1 - self.decay)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        missing = sorted(set(self.names) - set(tensors))
+        if missing:
+            raise ValueError(f"{where}: EMA lacks {missing[:5]}")
+        for n in self.names:
+            if tensors[n].shape != self.shadow[n].shape:
+                raise ValueError(f"{where}: EMA {n} shape {tuple(tensors[n].shape)} mismatch")
+            self.shadow[n].copy_(tensors[n])
+
+
+def gather_full(
+    net: nn.Module, pieces: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Full fp32 tensors of every parameter on every rank (collective: call on all ranks).
+
+    `pieces` (e.g. EMA shards) replaces the live parameter pieces; below ZeRO-3 a piece is the
+    whole tensor. Under ZeRO-3 a piece is a flat partition [ceil(numel/world)] that is
+    all-gathered, concatenated, cut to numel and reshaped to `ds_shape`.
+    """
+    out: dict[str, torch.Tensor] = {}
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    for name, p in net.named_parameters():
+        piece = (pieces or {}).get(name, _local(p)).detach().float()
+        if not hasattr(p, "ds_tensor"):
+            out[name] = piece.clone().cpu()
+            continue
+        parts = [torch.empty_like(piece) for _ in range(world)]
+        dist.all_gather(parts, piece.contiguous())
+        out[name] = torch.cat(parts)[: p.ds_numel].reshape(p.ds_shape).cpu()
+    for name, b in net.named_buffers():
+        out[name] = b.detach().float().cpu()
+    return out
+
+
+def save_engine(engine: Any, d: Path, name: str) -> None:
+    """Every rank writes its own shards (DeepSpeed hangs if one rank skips this)."""
+    engine.save_checkpoint(str(d / "engines" / name), tag="state")
+
+
+def load_engine(engine: Any, d: Path, name: str) -> None:
+    path = d / "engines" / name
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {d}: no engine state for {name!r}")
+    loaded, _ = engine.load_checkpoint(str(path), tag="state")
+    if loaded is None:
+        raise RuntimeError(f"checkpoint {d}: DeepSpeed could not load engine {name!r}")

@@ -1,0 +1,60 @@
+"""Training plots as PNG files: the loss curve, and a hook for a contact sheet of clip frames.
+
+Holds pure rendering functions over plain Python/NumPy data (headless Agg backend). It does not
+log to MLflow (`pipeline.tracking` does) and knows nothing about the model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: workers and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def loss_curve(
+    series: dict[str, list[tuple[int, float]]], path: str | Path, title: str = ""
+) -> Path:
+    """One line per metric name; log-scale y when every value is positive. Written atomically."""
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    positive = True
+    for name, points in sorted(series.items()):
+        if not points:
+            continue
+        steps, values = zip(*points, strict=True)
+        ax.plot(steps, values, label=name, linewidth=1.2)
+        positive &= min(values) > 0
+    if positive and any(series.values()):
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title(title or "loss")
+    ax.grid(alpha=0.3)
+    if any(series.values()):
+        ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def contact_sheet(frames: np.ndarray, path: str | Path, cols: int = 8) -> Path:
+    """frames uint8 [F, H, W, 3] → one grid image (hook for sample clips)."""
+    f = frames.shape[0]
+    rows = max(1, -(-f // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols, rows), dpi=100, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < f:
+            ax.imshow(frames[i])
+    return _save(fig, Path(path))
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)  # atomic: readers never see a half-written PNG
+    return path
