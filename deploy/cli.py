@@ -1,0 +1,139 @@
+"""`omniforcing serve | stream | generate`: the deploy package's commands, plus `start_serve`.
+
+`register(app)` is called by pipeline/cli.py. `start_serve` is the one way to bring the Serve app
+up (the CLI and the test fixtures both use it). Route handlers live in deploy/app.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import typer
+
+DEFAULT_MODEL = "models:/omniforcing-student@champion"
+
+
+def start_serve(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    replicas: int = 1,
+    max_streams: int = 4,
+    max_seconds: int = 60,
+    address: str | None = None,
+    replica_cpus: float = 1.0,
+    revision: Any = 0,
+    api_key: str | None = None,
+    num_cpus: int | None = None,
+) -> Any:
+    """Start (or update) the Serve app; local Ray unless `address`. Returns the app handle."""
+    import ray
+    from ray import serve
+
+    from deploy.app import APP_NAME, Settings, build_app
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, logging_level="WARNING")
+        else:
+            ray.init(address="local", num_cpus=num_cpus, logging_level="WARNING")
+    serve.start(http_options={"host": host, "port": port})
+    settings = Settings(
+        max_streams=max(1, math.ceil(max_streams / replicas)),
+        max_seconds=max_seconds,
+        api_key=api_key,
+    )
+    app = build_app(
+        model, settings, replicas=replicas, replica_cpus=replica_cpus, revision=revision
+    )
+    return serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def serve_cmd(
+    model: str = typer.Option(DEFAULT_MODEL, help="models:/name@alias, a bundle dir, synthetic:"),
+    host: str = typer.Option("127.0.0.1", help="HTTP bind address."),
+    port: int = typer.Option(8000, help="HTTP port."),
+    replicas: int = typer.Option(1, min=1, help="Serve replicas (one per GPU on a cluster)."),
+    max_streams: int = typer.Option(4, min=1, help="Concurrent streams in total; more get 503."),
+    max_seconds: int = typer.Option(60, min=1, help="Longest clip a request may ask for."),
+    address: str | None = typer.Option(None, help="Ray cluster address (default: local Ray)."),
+    replica_cpus: float = typer.Option(1.0, help="CPUs reserved per replica."),
+    reload: bool = typer.Option(
+        False, help="Redeploy into the running app (re-resolves the alias) and exit."
+    ),
+) -> None:
+    """Serve the streaming generator over HTTP + WebSocket with a live browser player."""
+    if reload:
+        address = address or "auto"
+    revision = time.time_ns() if reload else 0
+    start_serve(
+        model, host, port, replicas, max_streams, max_seconds, address, replica_cpus, revision
+    )
+    url = f"http://{host}:{port}"
+    if reload:
+        import httpx
+
+        info = httpx.get(url + "/healthz", timeout=30).json()
+        typer.echo(f"reloaded: {json.dumps(info['model'])}; reload_error={info['reload_error']}")
+        return
+    typer.echo(f"serving {model} at {url}/  (Ctrl-C to stop)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+
+
+def _report(stats: Any, out: str | None) -> None:
+    s = stats.summary()
+    typer.echo(
+        f"time to first chunk {s['ttfc_s'] * 1000:.0f} ms | {s['chunks']} chunks, "
+        f"{s['frames']} frames in {s['elapsed_s']:.2f} s | {s['fps']:.1f} FPS | "
+        f"real-time factor {s['rtf']:.2f}" + (f" | wrote {out}" if out else "")
+    )
+
+
+def stream_cmd(
+    url: str = typer.Option("http://127.0.0.1:8000", help="Server base URL."),
+    prompt: str = typer.Option(..., help="Text prompt."),
+    seconds: int = typer.Option(5, min=1),
+    seed: int = typer.Option(0, min=0),
+    out: str | None = typer.Option(None, help="Write the clip here (mp4, H.264 + AAC)."),
+    websocket: bool = typer.Option(False, "--websocket", help="Use /v1/stream, not HTTP."),
+    api_key: str | None = typer.Option(None, envvar="OMNIFORCING_API_KEY"),
+) -> None:
+    """Stream a clip from a running server and save it."""
+    from deploy.client import ClientError, save_stream, stream_http, stream_ws
+
+    fn = stream_ws if websocket else stream_http
+    try:
+        stats = save_stream(fn(url, prompt, seconds, seed, api_key=api_key), out)
+    except ClientError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    _report(stats, out)
+
+
+def generate_cmd(
+    model: str = typer.Option(DEFAULT_MODEL, help="models:/name@alias, a bundle dir, synthetic:"),
+    prompt: str = typer.Option(..., help="Text prompt."),
+    seconds: int = typer.Option(5, min=1),
+    seed: int = typer.Option(0, min=0),
+    out: str | None = typer.Option(None, help="Write the clip here (mp4, H.264 + AAC)."),
+    device: str | None = typer.Option(None, help="torch device (default: the model's choice)."),
+) -> None:
+    """Generate a clip in this process (no server) and save it."""
+    from deploy.client import generate_local, save_stream
+
+    _report(save_stream(generate_local(model, prompt, seconds, seed, device), out), out)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_cmd)
+    app.command("stream")(stream_cmd)
+    app.command("generate")(generate_cmd)
