@@ -1,0 +1,136 @@
+"""Streaming generation: the student produces one block (one second) at a time with its KV cache.
+
+`rollout_blocks` is the one block loop. Serving (`StreamingGenerator.stream`) runs it under
+`torch.no_grad`; the Self-Forcing trainer runs it with gradients and an exit step, so training
+and serving share this code path. Per block: K few-step calls on the block's tokens, then one
+σ = 0 call on the clean output that commits the block to the cache (detached). Cost per block is
+flat in the clip length once the rolling window is full.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import flow
+from .dit import AVDiT
+from .kv_cache import KVCache
+from .layout import BlockLayout
+
+
+@dataclass
+class Chunk:
+    """One generated block, decoded. Chunk 0 is the Global Prefix (1 frame, 1 audio latent)."""
+
+    index: int
+    frames: torch.Tensor  # uint8 [F, H, W, 3]
+    audio: torch.Tensor  # float32 [channels, S]
+    t_start: float  # seconds of content before this chunk
+    t_end: float
+    latency_s: float  # wall time since the request started, when this chunk was ready
+    compute_s: float  # wall time spent on this chunk (denoise + commit + decode)
+    sample_rate: int
+    fps: int
+
+
+def rollout_blocks(
+    model: AVDiT,
+    cache: KVCache,
+    seconds: int,
+    sigmas: Sequence[float],
+    generator: torch.Generator,
+    exit_step: int | None = None,
+    batch: int = 1,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield (block, x0_video [B,n,h,w,C], x0_audio [B,n,C]) for blocks 0..seconds.
+
+    `exit_step`: the few-step index whose x0 is the block output (Self-Forcing's stochastic
+    truncation; earlier steps run without gradient). None = all steps (inference).
+    """
+    cfg = model.cfg
+    layout = BlockLayout(seconds, cfg.video_block_latents, cfg.audio_block_latents)
+    p = next(model.parameters())
+    h, w = cfg.video_latent_hw
+    for k in range(layout.num_blocks):
+        v0, v1 = layout.video_range(k)
+        a0, a1 = layout.audio_range(k)
+        nv, na = v1 - v0, a1 - a0
+        noise_v = flow.randn(
+            (batch, nv, h, w, cfg.video.latent_channels), generator, p.device, p.dtype
+        )
+        noise_a = flow.randn((batch, na, cfg.audio.latent_channels), generator, p.device, p.dtype)
+
+        def predict_x0(xv, xa, s, k=k, nv=nv, na=na):
+            sv = torch.full((batch, nv), s, device=p.device)
+            sa = torch.full((batch, na), s, device=p.device)
+            vel_v, vel_a = model.forward_block(xv, xa, sv, sa, k, cache)
+            return flow.x0_from_velocity(xv, vel_v, s), flow.x0_from_velocity(xa, vel_a, s)
+
+        x0v, x0a = flow.few_step(predict_x0, noise_v, noise_a, sigmas, generator, exit_step)
+        with torch.no_grad():  # commit the clean block (context noise 0), detached
+            zv = torch.zeros(batch, nv, device=p.device)
+            za = torch.zeros(batch, na, device=p.device)
+            model.forward_block(x0v.detach(), x0a.detach(), zv, za, k, cache, commit=True)
+        yield k, x0v, x0a
+
+
+class StreamingGenerator:
+    """Text → a stream of decoded one-second chunks (frames + PCM) from a causal student bundle."""
+
+    def __init__(
+        self,
+        bundle,
+        sigmas: Sequence[float] | None = None,
+        window_s: tuple[int | None, int | None] | int | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.model: AVDiT = bundle.model
+        if not self.model.cfg.causal:
+            raise ValueError("StreamingGenerator needs a causal student (model.causal = true)")
+        self.sigmas = tuple(sigmas or flow.DEFAULT_STUDENT_SIGMAS)
+        if isinstance(window_s, int) or window_s is None:
+            window_s = (window_s, window_s)
+        self.windows = window_s
+        if device is not None:
+            bundle.to(device)
+        self.device = next(self.model.parameters()).device
+
+    def new_cache(self, prompt: str, seconds: int) -> KVCache:
+        emb, mask = self.bundle.text_encoder([prompt])
+        return self.model.new_cache(emb, mask, seconds, self.windows)
+
+    @torch.no_grad()
+    def stream(self, prompt: str, seconds: int, seed: int = 0) -> Iterator[Chunk]:
+        """Yield chunk 0 (prefix) and one chunk per second; same seed → same chunks."""
+        if not isinstance(seconds, int) or seconds < 1:
+            raise ValueError(f"seconds must be a positive whole number of blocks, got {seconds!r}")
+        cfg = self.model.cfg
+        start = time.perf_counter()
+        gen = torch.Generator().manual_seed(int(seed))
+        cache = self.new_cache(prompt, seconds)
+        layout = BlockLayout(seconds, cfg.video_block_latents, cfg.audio_block_latents)
+        t_prev = start
+        for k, x0v, x0a in rollout_blocks(self.model, cache, seconds, self.sigmas, gen):
+            v0, _ = layout.video_range(k)
+            a0, _ = layout.audio_range(k)
+            frames = self.bundle.video_codec.decode(x0v[0].float().cpu(), start=v0)
+            audio = self.bundle.audio_codec.decode(x0a[0].float().cpu(), start=a0)
+            now = time.perf_counter()
+            t0 = 0.0 if k == 0 else (1 + cfg.fps * (k - 1)) / cfg.fps
+            yield Chunk(
+                index=k,
+                frames=frames,
+                audio=audio,
+                t_start=t0,
+                t_end=t0 + frames.shape[0] / cfg.fps,
+                latency_s=now - start,
+                compute_s=now - t_prev,
+                sample_rate=cfg.sample_rate,
+                fps=cfg.fps,
+            )
+            t_prev = time.perf_counter()
+        del cache
