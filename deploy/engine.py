@@ -92,14 +92,23 @@ def load_model(uri: str, device: str | None = None) -> LoadedModel:
         delay = float(uri.split(":", 1)[1] or 0.02)
         info = ModelInfo(uri, "synthetic", "0", None, "synthetic")
         return LoadedModel(info, lambda: SyntheticGenerator(delay=delay))
-    from model import StreamingGenerator  # deferred: torch only where a real model is served
-
     bundle, info = _load_bundle(uri)
+    _, StreamingGenerator = _model_api()
     return LoadedModel(info, lambda: StreamingGenerator(bundle, device=device))
 
 
+def _model_api() -> tuple[Any, Any]:
+    """(Bundle, StreamingGenerator), imported late: torch is needed only for a real model."""
+    try:
+        from model import Bundle, StreamingGenerator
+    except ImportError:  # model/__init__ not exporting them yet: use the defining modules
+        from model.bundle import Bundle
+        from model.streaming import StreamingGenerator
+    return Bundle, StreamingGenerator
+
+
 def _load_bundle(uri: str) -> tuple[Any, ModelInfo]:
-    from model import Bundle
+    Bundle, _ = _model_api()
 
     if not uri.startswith("models:/"):
         path = Path(uri)
