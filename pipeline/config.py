@@ -24,6 +24,15 @@ class ConfigError(ValueError):
     """A user error in a config file or an override; the message names the key path."""
 
 
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
+    return out
+
+
 class _Strict(BaseModel):
     # extra="forbid": an unknown or mistyped key is an error, never silently ignored.
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -266,12 +275,3 @@ def _format_errors(err: ValidationError) -> str:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"  {loc}: {msg} (got {e.get('input')!r})")
     return "\n".join(lines)
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = (
-            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-        )
-    return out

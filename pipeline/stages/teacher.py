@@ -1,0 +1,199 @@
+"""Stage `teacher`: flow-matching training of the bidirectional audio+video teacher.
+
+Per sample and per modality an independent σ ~ logit-normal (one σ for all latent frames of that
+stream); the network predicts velocity v = ε − x0; loss = MSE(v) per modality, summed. Captions
+are dropped to "" with probability `train.text_dropout` (classifier-free guidance). Every
+`train.reliance_every` steps it also measures cross-modal reliance: the loss of one stream when the
+other stream is shuffled across the batch, minus its paired loss. One DeepSpeed engine trains the
+DiT and the word text encoder together. It does not run the loop or checkpoint (pipeline.trainer).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from model import AVDiT, flow
+from pipeline.parallelize import Ema, gather_full, make_engine
+from pipeline.stages import Batch, WorkerContext
+
+
+class TeacherNet(nn.Module):
+    """DiT + text encoder as one trainable module (one engine, one optimizer)."""
+
+    def __init__(self, dit: AVDiT, text: nn.Module) -> None:
+        super().__init__()
+        self.dit, self.text = dit, text
+
+    def forward(self, xv, xa, sigma_v, sigma_a, captions: list[str]):
+        emb, mask = self.text(captions)  # [B, L, D], [B, L]
+        return self.dit(xv, xa, sigma_v, sigma_a, emb.to(xv.dtype), mask)
+
+
+def build_text_encoder(cfg: Any, dim: int) -> nn.Module:
+    """The embedded word encoder over the synthetic world's caption vocabulary."""
+    from model.text import WordTextEncoder, build_vocab
+
+    vocab = ["a", "ball", "red", "green", "blue", "yellow"]
+    try:
+        from data.world import caption_vocabulary
+
+        vocab = caption_vocabulary()
+    except ImportError:  # data package absent: the random source's words suffice
+        pass
+    return WordTextEncoder(build_vocab([" ".join(vocab), "a red green blue yellow ball"]), dim=dim)
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B, ...] → [B] mean squared error in fp32."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+class TeacherStage:
+    name = "teacher"
+    plot_keys = ["loss", "loss/video", "loss/audio"]
+
+    def setup(self, ctx: WorkerContext) -> None:
+        cfg = ctx.cfg
+        self.mcfg = cfg.build_model_config(causal=False)
+        net = TeacherNet(AVDiT(self.mcfg), build_text_encoder(cfg, self.mcfg.text_dim))
+        self.engine = make_engine(net.to(ctx.device), cfg)
+        ema = cfg.train.ema
+        self._emas = {"teacher": Ema(self.engine.module, ema.decay)} if ema.enabled else {}
+
+    def engines(self) -> dict[str, Any]:
+        return {"teacher": self.engine}
+
+    def emas(self) -> dict[str, Any]:
+        return self._emas
+
+    def _tensors(
+        self, batch: Batch, ctx: WorkerContext
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+        """(video [B,Fv,h,w,C], audio [B,Fa,C], captions, ok [B] bool); bad rows are zeroed."""
+        video = torch.as_tensor(np.ascontiguousarray(batch["video"]), dtype=torch.float32)
+        audio = torch.as_tensor(np.ascontiguousarray(batch["audio"]), dtype=torch.float32)
+        ok = torch.isfinite(video.flatten(1)).all(1) & torch.isfinite(audio.flatten(1)).all(1)
+        video = torch.where(ok.view(-1, 1, 1, 1, 1), video, 0.0)  # keep shapes, drop from loss
+        audio = torch.where(ok.view(-1, 1, 1), audio, 0.0)
+        return (
+            video.to(ctx.device, ctx.dtype),
+            audio.to(ctx.device, ctx.dtype),
+            [str(c) for c in batch["caption"]],
+            ok,
+        )
+
+    def _noised(self, video, audio, g: torch.Generator, ctx: WorkerContext):
+        b, fv, fa = video.shape[0], video.shape[1], audio.shape[1]
+        # Independent σ per sample and per modality; one σ for all frames of a stream.
+        sv = flow.logit_normal([b], g).view(b, 1).expand(b, fv).to(ctx.device)  # [B, Fv]
+        sa = flow.logit_normal([b], g).view(b, 1).expand(b, fa).to(ctx.device)  # [B, Fa]
+        nv = flow.randn(video.shape, g, ctx.device, video.dtype)
+        na = flow.randn(audio.shape, g, ctx.device, audio.dtype)
+        xv, xa = flow.add_noise(video, nv, sv), flow.add_noise(audio, na, sa)
+        tv, ta = flow.velocity_target(video, nv), flow.velocity_target(audio, na)
+        return xv, xa, sv.to(ctx.dtype), sa.to(ctx.dtype), tv, ta
+
+    def train_step(
+        self, step: int, next_batch: Callable[[], Batch], ctx: WorkerContext
+    ) -> dict[str, float]:
+        t = ctx.cfg.train
+        sums = {"loss/video": 0.0, "loss/audio": 0.0, "bad_samples": 0.0}
+        self.engine.train()
+        for micro in range(t.grad_accum):
+            batch = next_batch()
+            video, audio, captions, ok = self._tensors(batch, ctx)
+            g = ctx.generator(step, micro)
+            drop = torch.rand(len(captions), generator=g) < t.text_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+            xv, xa, sv, sa, tv, ta = self._noised(video, audio, g, ctx)
+            vel_v, vel_a = self.engine(xv, xa, sv, sa, captions)
+            w = ok.to(ctx.device, torch.float32) / ok.sum().clamp(min=1)  # [B] weights, bad → 0
+            lv = (per_sample_mse(vel_v, tv) * w).sum()
+            la = (per_sample_mse(vel_a, ta) * w).sum()
+            self.engine.backward(lv + la)
+            self.engine.step()
+            sums["loss/video"] += lv.item() / t.grad_accum
+            sums["loss/audio"] += la.item() / t.grad_accum
+            sums["bad_samples"] += float((~ok).sum())
+        for ema in self._emas.values():
+            ema.update(self.engine.module)
+        out = {**sums, "loss": sums["loss/video"] + sums["loss/audio"]}
+        out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        out["lr"] = float(self.engine.get_lr()[0])
+        if t.reliance_every and step % t.reliance_every == 0:
+            out |= self.reliance(batch, step, ctx)
+        return out
+
+    @torch.no_grad()
+    def reliance(self, batch: Batch, step: int, ctx: WorkerContext) -> dict[str, float]:
+        """Loss increase of each stream when the other stream is shuffled across the batch.
+
+        Same noise and σ for paired and shuffled passes; the shuffle is a roll by one sample, so
+        every sample meets another sample's partner stream (needs batch ≥ 2).
+        """
+        video, audio, captions, _ = self._tensors(batch, ctx)
+        if video.shape[0] < 2:
+            return {}
+        g = ctx.generator(step, 0, purpose=1)
+        xv, xa, sv, sa, tv, ta = self._noised(video, audio, g, ctx)
+        self.engine.eval()
+        pv, pa = self.engine(xv, xa, sv, sa, captions)
+        # Audio's loss with mismatched video (and vice versa): roll the *other* stream's input.
+        _, sa_shuf = self.engine(xv.roll(1, 0), xa, sv.roll(1, 0), sa, captions)
+        sv_shuf, _ = self.engine(xv, xa.roll(1, 0), sv, sa.roll(1, 0), captions)
+        self.engine.train()
+        return {
+            "reliance/audio_on_video": (per_sample_mse(sa_shuf, ta) - per_sample_mse(pa, ta))
+            .mean()
+            .item(),
+            "reliance/video_on_audio": (per_sample_mse(sv_shuf, tv) - per_sample_mse(pv, tv))
+            .mean()
+            .item(),
+        }
+
+    def export(self, out_dir: Path | None, ctx: WorkerContext) -> None:
+        """EMA (or live) weights gathered from every rank; rank 0 writes a model.Bundle."""
+        ema = self._emas.get("teacher")
+        full = gather_full(self.engine.module, ema.state() if ema else None)
+        if out_dir is None:
+            return
+        from model.bundle import Bundle
+
+        net = TeacherNet(AVDiT(self.mcfg), build_text_encoder(ctx.cfg, self.mcfg.text_dim))
+        net.load_state_dict(full)
+        vcodec, acodec = load_codecs(ctx.cfg, self.mcfg)
+        Bundle(net.dit.eval(), vcodec, acodec, net.text.eval()).save_pretrained(
+            out_dir, extra={"stage": self.name}
+        )
+
+
+def load_codecs(cfg: Any, mcfg: Any) -> tuple[Any, Any]:
+    """Codecs from `data.codec_dir` (a Bundle-style config.json + codecs.safetensors) if there,
+    else unfitted default codecs of the preset's geometry (random-latent runs)."""
+    from model.bundle import codec_class
+    from model.codecs import CellVideoCodec, EnvelopeAudioCodec
+
+    d = Path(cfg.data.codec_dir) if cfg.data.codec_dir else None
+    if d is not None and (d / "config.json").is_file() and (d / "codecs.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        entries = json.loads((d / "config.json").read_text())["codecs"]
+        state = load_file(str(d / "codecs.safetensors"))
+        out = []
+        for kind in ("video", "audio"):
+            sub = {k[len(kind) + 1 :]: v for k, v in state.items() if k.startswith(kind + ".")}
+            out.append(codec_class(entries[kind]["class"]).from_state(entries[kind]["config"], sub))
+        return out[0], out[1]
+    video = CellVideoCodec(mcfg.height, mcfg.width, grid=mcfg.video_latent_hw[0])
+    audio = EnvelopeAudioCodec(mcfg.sample_rate, mcfg.audio_latents_per_s, mcfg.audio_channels)
+    return video, audio
+
+
+STAGE = TeacherStage
