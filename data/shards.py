@@ -236,14 +236,17 @@ def iter_tar(fileobj: BinaryIO, shard: str) -> Iterator[RawSample | TarProblem]:
                 if not info.isreg():
                     continue
                 data = tar.extractfile(info).read()
-                stem, _, suffix = info.name.rsplit("/", 1)[-1].partition(".")
+                name = info.name.rsplit("/", 1)[-1]
+                stem, _, suffix = name.partition(".")
+                if not suffix:  # not part of any sample: report it, keep the current sample
+                    yield TarProblem(shard, stem, "garbage_member", f"member {name} has no suffix")
+                    continue
                 if stem != key and key:
                     yield RawSample(shard, key, members)
                     members = {}
                 key = stem
-                if not suffix or suffix in members:
-                    why = "has no suffix" if not suffix else "is a duplicate"
-                    yield TarProblem(shard, key, "garbage_member", f"member {info.name} {why}")
+                if suffix in members:
+                    yield TarProblem(shard, key, "garbage_member", f"member {name} is a duplicate")
                     continue
                 members[suffix] = data
         watch.drain()
