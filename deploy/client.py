@@ -6,6 +6,7 @@ Holds no server code; the framing is deploy/protocol.py's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -90,6 +91,7 @@ def stream_ws(
     timeout: float = 300.0,
 ) -> Iterator[Part]:
     """Parts over `GET {url}/v1/stream`; sends {"type":"cancel"} after `cancel_after` chunks."""
+    from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
 
     ws_url = url.rstrip("/").replace("http://", "ws://").replace("https://", "wss://")
@@ -99,7 +101,10 @@ def stream_ws(
         open_timeout=timeout,
         max_size=None,
     ) as ws:
-        ws.send(json.dumps({"prompt": prompt, "seconds": seconds, "seed": seed}))
+        try:
+            ws.send(json.dumps({"prompt": prompt, "seconds": seconds, "seed": seed}))
+        except ConnectionClosed:  # refused before reading (e.g. API key): its error part follows
+            pass
         n = 0
         while True:
             try:
@@ -111,7 +116,8 @@ def stream_ws(
             if part.type == "chunk":
                 n += 1
                 if cancel_after is not None and n == cancel_after:
-                    ws.send(json.dumps({"type": "cancel"}))
+                    with contextlib.suppress(ConnectionClosed):
+                        ws.send(json.dumps({"type": "cancel"}))
             if part.type in ("end", "error"):
                 return
 

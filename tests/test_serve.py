@@ -1,0 +1,204 @@
+"""Integration tests: a real Ray Serve app (local Ray) serving the tiny student over real HTTP and
+WebSocket. One app for the whole module; the reload test runs last because it swaps the model."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from websockets.sync.client import connect
+
+from deploy.client import ClientError, generate_local, save_stream, stream_http, stream_ws
+from deploy.mp4writer import probe
+from deploy.protocol import decode_part
+from tests.fixtures.serve import running_serve, save_tiny_bundle, wait_for
+
+KEY = "test-key-123"
+AUTH = {"X-API-Key": KEY}
+MAX_STREAMS = 8
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle_dir):
+    with running_serve(
+        str(tiny_bundle_dir), max_streams=MAX_STREAMS, max_seconds=10, api_key=KEY
+    ) as url:
+        yield url
+
+
+def _stats(url: str) -> dict:
+    return httpx.get(url + "/healthz", timeout=10).json()
+
+
+def _idle(url: str, before: dict) -> bool:
+    now = _stats(url)
+    keys = ("active_streams", "live_generators")
+    return all(now[k] == before[k] for k in keys)
+
+
+def test_health_model_info_and_api_key(server: str) -> None:
+    health = _stats(server)
+    assert health["status"] == "ok" and health["max_streams"] == MAX_STREAMS
+    r = httpx.get(server + "/v1/model")
+    assert r.status_code == 401 and r.json()["error"]["field"] == "api_key"
+    r = httpx.get(server + "/v1/model", headers={"X-API-Key": "wrong"})
+    assert r.status_code == 401
+    info = httpx.get(server + "/v1/model", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert info["name"] == "tiny-student" and info["preset"] == "tiny"
+    assert info["version"].startswith("sha256:") and info["alias"] is None
+    r = httpx.post(server + "/v1/generate", json={"prompt": "a", "seconds": 1})
+    assert r.status_code == 401
+    assert "<canvas" in httpx.get(server + "/").text
+
+
+def test_stream_end_to_end_writes_requested_clip(server: str, tmp_path) -> None:
+    out = tmp_path / "clip.mp4"
+    stats = save_stream(stream_http(server, "a red ball", 2, seed=3, api_key=KEY), out)
+    assert stats.chunks == 3 and stats.frames == 49 and not stats.cancelled
+    assert 0 < stats.ttfc_s < stats.elapsed_s
+    assert stats.chunk_times_s == sorted(stats.chunk_times_s)
+    assert stats.model["preset"] == "tiny"
+    info = probe(out)
+    assert info["frames"] == 1 + 24 * 2 and info["fps"] == 24.0
+    assert info["sample_rate"] == 16000 and info["channels"] == 1
+    assert abs(info["video_s"] - 49 / 24) < 1e-6
+    assert abs(info["audio_s"] - (640 + 32000) / 16000) < 1024 / 16000  # AAC frame padding
+
+
+def test_websocket_stream_matches_in_process_generation(server: str, tiny_bundle_dir) -> None:
+    remote = list(stream_ws(server, "a green ball", 1, seed=5, api_key=KEY))
+    local = list(generate_local(str(tiny_bundle_dir), "a green ball", 1, seed=5))
+    assert [p.type for p in remote] == ["start", "chunk", "chunk", "end"]
+    for r, loc in zip(remote[1:3], local[1:3], strict=True):
+        np.testing.assert_array_equal(r.frames, loc.frames)
+        # Bit-equal only at equal torch thread counts (the replica's differs from the test's).
+        np.testing.assert_allclose(r.audio, loc.audio, rtol=0, atol=1e-5)
+
+
+BAD = [
+    (b"{not json", 400, None),
+    (b'{"seconds": 1}', 422, "prompt"),
+    (b'{"prompt": "", "seconds": 1}', 422, "prompt"),
+    (json.dumps({"prompt": "x" * 3000, "seconds": 1}).encode(), 422, "prompt"),
+    (b'{"prompt": "a", "seconds": 0}', 422, "seconds"),
+    (b'{"prompt": "a", "seconds": 11}', 422, "seconds"),
+    (b'{"prompt": "a", "seconds": "one"}', 422, "seconds"),
+    (b'{"prompt": ["a"], "seconds": 1}', 422, "prompt"),
+    (b'{"prompt": "a", "seconds": 1, "seed": 1.5}', 422, "seed"),
+    (b'{"prompt": "a", "seconds": 1, "steps": 4}', 422, "steps"),
+    (b"x" * 70000, 413, None),
+]
+
+
+def test_bad_requests_get_4xx_naming_the_field(server: str) -> None:
+    for body, status, field in BAD:
+        r = httpx.post(server + "/v1/generate", content=body, headers=AUTH, timeout=30)
+        assert r.status_code == status, (body[:60], r.text)
+        assert r.json()["error"]["field"] == field, (body[:60], r.text)
+    # The same validation over the WebSocket: an error part, then the socket is closed.
+    with connect(server.replace("http", "ws") + "/v1/stream", additional_headers=AUTH) as ws:
+        ws.send(json.dumps({"prompt": "a", "seconds": -2}))
+        part = decode_part(ws.recv(timeout=30))
+        assert part.type == "error" and part.header["error"]["field"] == "seconds"
+    parts = list(stream_ws(server, "a", 1, api_key="wrong"))
+    assert [p.type for p in parts] == ["error"] and parts[0].header["error"]["field"] == "api_key"
+    with pytest.raises(ClientError) as info:
+        save_stream(stream_http(server, "a", 1, api_key="wrong"), None)
+    assert info.value.status == 401
+    health = _stats(server)
+    assert health["status"] == "ok" and health["active_streams"] == 0
+
+
+def test_eight_concurrent_streams_complete_and_ninth_gets_503(server: str) -> None:
+    results: list = [None] * MAX_STREAMS
+
+    def run(i: int) -> None:
+        try:
+            results[i] = save_stream(stream_http(server, "a ball", 2, seed=i, api_key=KEY), None)
+        except Exception as err:  # noqa: BLE001 — reported by the assertion below
+            results[i] = err
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(MAX_STREAMS)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: _stats(server)["active_streams"] == MAX_STREAMS, 60, "8 active streams")
+    t0 = time.monotonic()
+    r = httpx.post(server + "/v1/generate", json={"prompt": "a", "seconds": 1}, headers=AUTH)
+    assert r.status_code == 503 and int(r.headers["Retry-After"]) > 0
+    assert "overloaded" in r.json()["error"]["message"]
+    assert time.monotonic() - t0 < 5  # refused at once, never queued behind the others
+    for t in threads:
+        t.join(timeout=180)
+    assert all(not isinstance(s, Exception) for s in results), results
+    assert [s.chunks for s in results] == [3] * MAX_STREAMS
+    wait_for(lambda: _stats(server)["active_streams"] == 0, 30, "streams to finish")
+
+
+def test_disconnect_mid_stream_frees_the_session(server: str) -> None:
+    before = _stats(server)
+    # HTTP: read the first chunk of a long clip, then drop the connection.
+    with httpx.Client(timeout=60) as http:
+        body = {"prompt": "a ball", "seconds": 10}
+        with http.stream("POST", server + "/v1/generate", json=body, headers=AUTH) as resp:
+            assert resp.status_code == 200
+            next(resp.iter_bytes())
+            assert _stats(server)["active_streams"] == before["active_streams"] + 1
+    t0 = time.monotonic()
+    wait_for(lambda: _idle(server, before), 20, "HTTP session to be freed")
+    http_free_s = time.monotonic() - t0
+    # WebSocket: receive one chunk, then close the socket abruptly.
+    with connect(server.replace("http", "ws") + "/v1/stream", additional_headers=AUTH) as ws:
+        ws.send(json.dumps({"prompt": "a ball", "seconds": 10}))
+        while decode_part(ws.recv(timeout=60)).type != "chunk":
+            pass
+        assert _stats(server)["live_generators"] == before["live_generators"] + 1
+    wait_for(lambda: _idle(server, before), 20, "WebSocket session to be freed")
+    # The cancel message ends a stream early and also frees it.
+    parts = list(stream_ws(server, "a ball", 10, api_key=KEY, cancel_after=1))
+    assert parts[-1].type == "end" and parts[-1].header["cancelled"] is True
+    assert len([p for p in parts if p.type == "chunk"]) < 11
+    wait_for(lambda: _idle(server, before), 20, "cancelled session to be freed")
+    assert http_free_s < 10
+
+
+def test_reload_switches_version_and_running_stream_finishes_on_old(server: str, tmp_path) -> None:
+    from deploy.cli import start_serve
+
+    old = httpx.get(server + "/v1/model", headers=AUTH).json()
+    new_dir = save_tiny_bundle(tmp_path / "tiny-student-v2", seed=1)
+    (new_dir / "notes.json").write_text('{"release": 2}')  # a different content version
+    running: dict = {}
+
+    def run() -> None:
+        running["parts"] = list(stream_http(server, "a red ball", 4, seed=1, api_key=KEY))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_for(lambda: _stats(server)["active_streams"] == 1, 30, "the running stream")
+    port = int(server.rsplit(":", 1)[1])
+    start_serve(
+        str(new_dir),
+        port=port,
+        max_streams=MAX_STREAMS,
+        max_seconds=10,
+        api_key=KEY,
+        replica_cpus=0.5,
+        revision=1,
+    )
+    new = wait_for(
+        lambda: (
+            (i := httpx.get(server + "/v1/model", headers=AUTH).json())["name"] == "tiny-student-v2"
+            and i
+        ),
+        60,
+        "the new version",
+    )
+    assert new["version"] != old["version"]
+    thread.join(timeout=120)
+    parts = running["parts"]
+    assert parts[0].header["model"]["version"] == old["version"]
+    assert [p.type for p in parts].count("chunk") == 5 and parts[-1].type == "end"
