@@ -20,7 +20,13 @@ app = typer.Typer(
 
 # Modules that expose `register(app: typer.Typer) -> None`; a missing one is skipped so that a
 # partial checkout still has a working CLI.
-_COMMAND_MODULES = ("data.cli", "pipeline.commands", "deploy.cli")
+_COMMAND_MODULES = (
+    "data.cli",
+    "pipeline.commands",
+    "pipeline.eval_commands",
+    "pipeline.demo",
+    "deploy.cli",
+)
 
 
 def register_all(target: typer.Typer) -> None:
