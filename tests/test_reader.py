@@ -61,3 +61,43 @@ def test_counter_is_idempotent_and_strict():
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no shards"):
         list(iter_samples(str(tmp_path)))
+
+
+def _run_cli(args: list[str]) -> dict:
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from data.cli import register
+
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout[result.stdout.index("{") :])
+
+
+def test_inspect_cli_reports_and_draws(bad_shards, tmp_path):
+    sheet = tmp_path / "sheet.png"
+    report = _run_cli(["data", "inspect", bad_shards, "--sheet", str(sheet), "--sheet-clips", "2"])
+    assert report["samples"] == len(GOOD_KEYS) and report["bad_samples"] == BAD_COUNTS
+    assert report["fps"] == {"24": 7} and report["sample_rate"] == {"16000": 7}
+    assert report["total_seconds"] == pytest.approx(7 * 1.04)
+    blob = sheet.read_bytes()
+    assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000
+
+
+def test_fit_codec_cli_saves_codecs_and_reports_quality(tmp_path):
+    from data.shards import synth
+
+    synth(str(tmp_path / "s"), 4, shard_size=2, seed=2, seconds=2.04, height=32, width=32)
+    out = tmp_path / "codec"
+    report = _run_cli(["data", "fit-codec", str(tmp_path / "s"), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["codec.json", "codec.safetensors"]
+    assert report["clips"] == 4 and report["video_psnr_db"] > 15
+    assert report["contacts"] > 0
+    for part in ("mp4_video_found", "mp4_audio_found", "codec_video_found", "codec_audio_found"):
+        assert 0 <= report[part] <= report["contacts"]
+    # the mp4 itself keeps (nearly) every contact audible
+    assert report["mp4_audio_found"] >= 0.8 * report["contacts"]
