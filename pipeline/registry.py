@@ -1,0 +1,152 @@
+"""MLflow model registry: promote a finished student run, load a Bundle back by URI.
+
+`promote(run, name, alias)` registers the run's consolidated Bundle (the `bundle` artifact that
+`pipeline.trainer` publishes at the end of a stage) as a pyfunc model version and moves the alias.
+The pyfunc is logged as *models from code* (a small Python file, no cloudpickle) with the Bundle
+directory as its artifact. `load_bundle(uri)` turns `models:/name@alias`, `runs:/…` or a local
+folder back into a `model.Bundle`; it imports only mlflow and model (no training code, no Ray).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+STUDENT_STAGES = ("self-forcing", "ode")
+
+# The pyfunc's code: it only exposes the Bundle folder; serving builds the generator itself.
+_MODEL_CODE = '''"""OmniForcing Bundle as an MLflow pyfunc (models from code; no pickled objects)."""
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class OmniForcingBundle(PythonModel):
+    def load_context(self, context):
+        self.bundle_dir = context.artifacts["bundle"]
+
+    def predict(self, context, model_input, params=None):
+        from model.bundle import Bundle
+
+        return Bundle.from_pretrained(self.bundle_dir)
+
+
+mlflow.models.set_model(OmniForcingBundle())
+'''
+
+
+class PromotionError(ValueError):
+    """The run cannot be promoted (wrong stage, unfinished, no exported Bundle)."""
+
+
+def _find_student_run(client: Any, run: str, experiment: str) -> Any:
+    from pipeline import tracking
+
+    if run != "latest":
+        try:
+            return client.get_run(run)
+        except Exception:  # noqa: BLE001 — MlflowException for unknown ids
+            raise PromotionError(f"run {run!r} does not exist in the tracking store") from None
+    exp = client.get_experiment_by_name(experiment)
+    runs = []
+    for stage in STUDENT_STAGES if exp else ():  # tag filters take no IN: one query per stage
+        filt = (
+            f"tags.`{tracking.STAGE_TAG}` = '{stage}' AND tags.`{tracking.STATUS_TAG}` = 'finished'"
+        )
+        runs += client.search_runs(
+            [exp.experiment_id], filt, order_by=["attributes.start_time DESC"], max_results=1
+        )
+    runs.sort(key=lambda r: r.info.start_time, reverse=True)
+    if not runs:
+        raise PromotionError(
+            f"no finished student run ({'/'.join(STUDENT_STAGES)}) in experiment {experiment!r}"
+        )
+    return runs[0]
+
+
+def _check_promotable(run: Any) -> None:
+    from pipeline import tracking
+
+    tags, rid = run.data.tags, run.info.run_id
+    stage = tags.get(tracking.STAGE_TAG)
+    if stage not in STUDENT_STAGES:
+        raise PromotionError(
+            f"run {rid} is stage {stage!r}; only a student stage ({', '.join(STUDENT_STAGES)}) can be promoted"
+        )
+    if tags.get(tracking.STATUS_TAG) != "finished" or not tags.get(tracking.EXPORT_TAG):
+        raise PromotionError(
+            f"run {rid} has no finished student checkpoint (status={tags.get(tracking.STATUS_TAG)!r}, "
+            f"export={tags.get(tracking.EXPORT_TAG)!r}); finish or resume it first"
+        )
+
+
+def promote(
+    run: str = "latest",
+    name: str = "omniforcing-student",
+    alias: str = "champion",
+    tracking_uri: str | None = None,
+    experiment: str = "omniforcing",
+) -> dict[str, Any]:
+    """Register the run's Bundle as a new version of `name` and point `alias` at it."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    found = _find_student_run(client, run, experiment)
+    _check_promotable(found)
+    rid = found.info.run_id
+    mlflow.set_tracking_uri(uri)
+    with tempfile.TemporaryDirectory() as d:
+        bundle = client.download_artifacts(rid, found.data.tags[tracking.EXPORT_TAG], d)
+        code = Path(d) / "omniforcing_bundle_model.py"
+        code.write_text(_MODEL_CODE)
+        with mlflow.start_run(run_id=rid):
+            info = mlflow.pyfunc.log_model(
+                name="student",
+                python_model=str(code),
+                artifacts={"bundle": bundle},
+                registered_model_name=name,
+            )
+    version = str(info.registered_model_version)
+    client.set_registered_model_alias(name, alias, version)
+    return {
+        "name": name,
+        "version": version,
+        "alias": alias,
+        "run_id": rid,
+        "uri": f"models:/{name}@{alias}",
+    }
+
+
+def _find_bundle_dir(root: Path) -> Path:
+    """The folder holding a Bundle (config.json + manifest.json) inside a downloaded model."""
+    if (root / "config.json").is_file() and (root / "manifest.json").is_file():
+        return root
+    for cfg in sorted(root.rglob("manifest.json")):
+        if (cfg.parent / "config.json").is_file() and (cfg.parent / "model.safetensors").is_file():
+            return cfg.parent
+    raise FileNotFoundError(
+        f"no Bundle (config.json + manifest.json + model.safetensors) under {root}"
+    )
+
+
+def load_bundle(uri: str, dst: str | Path | None = None, device: Any = None) -> Any:
+    """A `model.Bundle` from `models:/name@alias`, `models:/name/3`, `runs:/id/path` or a folder."""
+    from model.bundle import Bundle
+
+    local = Path(uri)
+    if "://" not in uri and ":/" not in uri:
+        if not local.is_dir():
+            raise FileNotFoundError(f"bundle folder {uri!r} does not exist")
+        return Bundle.from_pretrained(_find_bundle_dir(local), device=device)
+    import mlflow
+
+    target = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="omni-bundle-"))
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target))
+    except Exception as err:  # noqa: BLE001 — MlflowException/RestException: say which URI
+        raise FileNotFoundError(f"cannot download model {uri!r}: {err}") from None
+    return Bundle.from_pretrained(_find_bundle_dir(Path(path)), device=device)
