@@ -1,0 +1,129 @@
+"""Roles are data: the teacher, student and critic networks built by one factory from config.
+
+`load_teacher(ref)` opens the teacher Bundle (a local dir, or a `models:/` URI / run id through
+`pipeline.registry.load_bundle`). `build_role(kind, entry, teacher)` makes one network from a
+`distill.<role>` entry {init_from, trainable}: the student is causal with fresh audio sinks (the
+sink parameter is the only key the teacher lacks), the critic is bidirectional, the teacher is
+frozen. It holds no engines (pipeline.parallelize) and no losses (pipeline.distill.dmd).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from model import AVDiT, Bundle
+from pipeline.config import DistillSection, JobConfig
+
+RoleKind = Literal["teacher", "student", "critic"]
+SINK_KEY = "audio_sinks"
+
+
+def load_teacher(ref: str | None) -> Bundle:
+    """The teacher Bundle from `distill.teacher` (dir, or models:/ URI / run id via the registry)."""
+    if not ref:
+        raise ValueError("distill.teacher is not set: give a teacher Bundle dir or models:/ URI")
+    if Path(ref).is_dir():
+        bundle = Bundle.from_pretrained(ref)
+    else:
+        try:
+            from pipeline.registry import load_bundle
+        except ImportError:
+            raise ValueError(
+                f"distill.teacher={ref!r}: not a local Bundle dir and pipeline.registry is "
+                "not available to resolve it"
+            ) from None
+        bundle = load_bundle(ref)
+    if bundle.model.cfg.causal:
+        raise ValueError(f"distill.teacher={ref!r}: the teacher must be bidirectional (causal)")
+    return bundle
+
+
+def role_config(kind: RoleKind, teacher_cfg: Any, cfg: JobConfig) -> Any:
+    """The ModelConfig of a role: the teacher's geometry; the student causal with its sinks."""
+    if kind != "student":
+        return teacher_cfg.replace(causal=False)
+    sinks = cfg.model.num_sinks if cfg.model.num_sinks is not None else teacher_cfg.num_sinks
+    return teacher_cfg.replace(causal=True, num_sinks=sinks)
+
+
+def build_role(
+    kind: RoleKind, entry: DistillSection.Role | None, teacher: AVDiT, cfg: JobConfig
+) -> AVDiT:
+    """One network for `kind` from its config entry (teacher: frozen in place, entry ignored)."""
+    if kind == "teacher":
+        return _freeze(teacher)
+    assert entry is not None
+    net = AVDiT(role_config(kind, teacher.cfg, cfg))
+    if entry.init_from == "teacher":
+        load_from_teacher(net, teacher.state_dict(), f"distill.{kind}")
+    net.train()
+    return net if entry.trainable else _freeze(net)
+
+
+def load_from_teacher(net: AVDiT, state: dict[str, torch.Tensor], where: str) -> None:
+    """Copy teacher weights; the audio sink tokens (causal nets) are the only allowed gap."""
+    allowed = {SINK_KEY} if net.cfg.sinks else set()
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    bad = sorted(set(missing) - allowed)
+    if bad or unexpected:
+        raise ValueError(
+            f"{where}: teacher weights do not fit — missing {bad[:8]}, unexpected "
+            f"{sorted(unexpected)[:8]} (only {sorted(allowed)} may be missing)"
+        )
+
+
+def _freeze(net: AVDiT) -> AVDiT:
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.eval()
+
+
+def stream_of(name: str) -> str:
+    """'video' | 'audio' | 'shared' for a parameter name (same rule as AVDiT.param_counts)."""
+    leaf = name.split(".")
+    if any(t.startswith(("v_", "video_io", "a2v")) for t in leaf):
+        return "video"
+    if any(t.startswith(("a_", "audio_io", "v2a", SINK_KEY)) for t in leaf):
+        return "audio"
+    return "shared"
+
+
+def student_bundle(student: AVDiT, teacher: Bundle) -> Bundle:
+    """The exportable student: its DiT with the teacher's codecs and (frozen) text encoder."""
+    return Bundle(student.eval(), teacher.video_codec, teacher.audio_codec, teacher.text_encoder)
+
+
+def batch_latents(
+    batch: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+    """(video [B,Fv,h,w,C], audio [B,Fa,C], captions, keys) of a trainer batch; non-finite
+    latents are an error naming the sample key (distillation has no use for a broken row)."""
+    import numpy as np
+
+    video = torch.as_tensor(np.ascontiguousarray(batch["video"]), dtype=torch.float32)
+    audio = torch.as_tensor(np.ascontiguousarray(batch["audio"]), dtype=torch.float32)
+    keys = [str(k) for k in batch["key"]]
+    ok = torch.isfinite(video.flatten(1)).all(1) & torch.isfinite(audio.flatten(1)).all(1)
+    if not bool(ok.all()):
+        bad = [k for k, good in zip(keys, ok.tolist(), strict=True) if not good]
+        raise ValueError(f"batch rows {bad}: video/audio latents are not finite")
+    captions = [str(c) for c in batch["caption"]]
+    return video.to(device, dtype), audio.to(device, dtype), captions, keys
+
+
+def export_student(
+    module: AVDiT, ema_state: dict[str, torch.Tensor] | None, teacher: Bundle, out_dir, stage: str
+) -> None:
+    """Collective gather of the student (EMA if given); rank 0 (`out_dir` set) writes a Bundle."""
+    from model.bundle import load_state_strict
+    from pipeline.parallelize import gather_full
+
+    full = gather_full(module, ema_state)
+    if out_dir is None:
+        return
+    net = AVDiT(module.cfg)
+    load_state_strict(net, full, f"{stage} export")
+    student_bundle(net, teacher).save_pretrained(out_dir, extra={"stage": stage})

@@ -1,0 +1,231 @@
+"""Stage `self-forcing`: Joint Self-Forcing DMD with a trainable critic (TTUR).
+
+Generator update: the causal student rolls the whole clip out with its own KV cache through
+`model.streaming.rollout_blocks` (the loop serving uses), both modalities jointly, one random exit
+step per rollout shared by all blocks (earlier steps without gradient, clean σ = 0 commit
+detached). DMD per modality at one σ for both modalities (t ~ U{20..980}): real x0 from the
+frozen teacher with CFG (separate scales), fake x0 from the critic; g = (fake − real)/mean|x̂ −
+real|; loss 0.5‖x̂ − sg(x̂ − g)‖², weighted per modality. `distill.loss_scope: last_block` noises
+and supervises only the last block (earlier frames σ = 0); `distill.prefix: clean_from_teacher`
+pins block 0 to the clip's clean latents. Critic: flow matching on detached student samples,
+`critic_updates_per_generator` updates per generator update, its own engine. Logs per-modality
+gradient norms (DMD gradient at the outputs; audio- vs video-stream parameter gradients).
+It does not run the loop or checkpoint (pipeline.trainer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import AVDiT, flow, rollout_blocks
+from pipeline.distill import dmd, roles
+from pipeline.distill.trajectories import guided_x0
+from pipeline.parallelize import Ema, make_engine
+from pipeline.stages import Batch, WorkerContext
+
+
+class PrefixPinned:
+    """A student view whose block-0 denoising calls return the clean prefix (v = (x − x0)/σ);
+    every other call, and block 0's commit, runs the student itself."""
+
+    def __init__(self, model: AVDiT, v0: torch.Tensor, a0: torch.Tensor) -> None:
+        self.model, self.cfg = model, model.cfg
+        self.v0, self.a0 = v0, a0  # [B, 1, h, w, C], [B, 1, C]
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def forward_block(self, xv, xa, sv, sa, block, cache, commit=False):
+        if block == 0 and not commit:
+            s = sv[:, :1]  # [B, 1]; σ > 0 on every denoising step
+            return (xv - self.v0) / s[..., None, None, None], (xa - self.a0) / s[..., None]
+        return self.model.forward_block(xv, xa, sv, sa, block, cache, commit)
+
+
+def rollout(
+    student: AVDiT,
+    text: tuple[torch.Tensor, torch.Tensor],
+    seconds: int,
+    sigmas: list[float],
+    g: torch.Generator,
+    exit_step: int,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's clip x̂: video [B, Fv, h, w, C], audio [B, Fa, C] (gradient at exit step)."""
+    cache = student.new_cache(text[0], text[1], seconds)
+    model = student if prefix is None else PrefixPinned(student, *prefix)
+    vs, as_ = [], []
+    for _, xv, xa in rollout_blocks(
+        model, cache, seconds, sigmas, g, exit_step, batch=text[0].shape[0]
+    ):
+        vs.append(xv)
+        as_.append(xa)
+    return torch.cat(vs, 1), torch.cat(as_, 1)
+
+
+def noise_levels(
+    sigma: torch.Tensor, fv: int, fa: int, last: tuple[int, int] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frame σ [B,Fv], [B,Fa] from per-sample σ [B]; `last` = (first video, first audio
+    frame) of the last block: earlier frames stay clean (σ = 0) under last-block scope."""
+    sv = sigma[:, None].expand(-1, fv).clone()
+    sa = sigma[:, None].expand(-1, fa).clone()
+    if last is not None:
+        sv[:, : last[0]], sa[:, : last[1]] = 0.0, 0.0
+    return sv, sa
+
+
+def grad_norms(named: list[tuple[str, torch.nn.Parameter]], deepspeed: bool) -> dict[str, float]:
+    """‖∇‖ of the audio-stream and video-stream parameters (after backward, before step)."""
+    sq = {"video": 0.0, "audio": 0.0}
+    for name, p in named:
+        if deepspeed:
+            from deepspeed.utils import safe_get_full_grad
+
+            grad = safe_get_full_grad(p)
+        else:
+            grad = p.grad
+        stream = roles.stream_of(name)
+        if grad is not None and stream in sq:
+            sq[stream] += float(grad.float().pow(2).sum())
+    return {f"grad/param_{k}": v**0.5 for k, v in sq.items()}
+
+
+class SelfForcingStage:
+    name = "self-forcing"
+    plot_keys = ["loss/dmd_video", "loss/dmd_audio", "loss/critic"]
+
+    def setup(self, ctx: WorkerContext) -> None:
+        self.build(ctx, lambda net, lr=None: make_engine(net.to(ctx.device), ctx.cfg, lr=lr))
+
+    def build(self, ctx: WorkerContext, make: Callable[..., Any]) -> None:
+        """Networks from the `distill` role entries; `make(net, lr)` wraps one in an engine."""
+        cfg, d = ctx.cfg, ctx.cfg.distill
+        self.teacher = roles.load_teacher(d.teacher).to(ctx.device)
+        self.sigmas = [float(s) for s in d.student_sigmas]
+        self.real = roles.build_role("teacher", None, self.teacher.model, cfg)
+        self.engine = make(roles.build_role("student", d.student, self.teacher.model, cfg))
+        self.critic = make(
+            roles.build_role("critic", d.critic, self.teacher.model, cfg), d.critic_lr
+        )
+        ema = cfg.train.ema
+        self._emas = {"student": Ema(self.engine.module, ema.decay)} if ema.enabled else {}
+        self.deepspeed = not hasattr(self.engine, "plain")
+
+    def engines(self) -> dict[str, Any]:
+        return {"student": self.engine, "critic": self.critic}
+
+    def emas(self) -> dict[str, Any]:
+        return self._emas
+
+    # ---- one batch's inputs ---------------------------------------------------------------------
+    def inputs(self, batch: Batch, ctx: WorkerContext) -> dict[str, Any]:
+        video, audio, captions, _ = roles.batch_latents(batch, ctx.device, ctx.dtype)
+        with torch.no_grad():
+            text = self.teacher.text_encoder(captions)
+            null = self.teacher.text_encoder([""])
+        fv, fa = video.shape[1], audio.shape[1]
+        seconds = (fv - 1) // self.engine.module.cfg.video_block_latents
+        prefix = (video[:, :1], audio[:, :1]) if ctx.cfg.distill.prefix != "generated" else None
+        cfgm = self.engine.module.cfg
+        last = (
+            1 + cfgm.video_block_latents * (seconds - 1),
+            1 + cfgm.audio_block_latents * (seconds - 1),
+        )
+        return {
+            "text": text, "null": null, "seconds": seconds, "prefix": prefix, "fv": fv, "fa": fa,
+            "last": last if ctx.cfg.distill.loss_scope == "last_block" else None,
+            "n_tokens": fv * cfgm.video_tokens_per_frame + fa,
+        }  # fmt: skip
+
+    def _sample(self, inp: dict[str, Any], g: torch.Generator, exit_step: int):
+        return rollout(
+            self.engine.module, inp["text"], inp["seconds"], self.sigmas, g,
+            exit_step, inp["prefix"],
+        )  # fmt: skip
+
+    def _noised(self, xv, xa, inp: dict[str, Any], g: torch.Generator, ctx: WorkerContext):
+        d = ctx.cfg.distill
+        sig = dmd.sample_sigma(xv.shape[0], g, inp["n_tokens"], d.min_timestep, d.max_timestep)
+        sv, sa = noise_levels(sig.to(ctx.device), inp["fv"], inp["fa"], inp["last"])
+        nv = flow.randn(xv.shape, g, xv.device, xv.dtype)
+        na = flow.randn(xa.shape, g, xa.device, xa.dtype)
+        return flow.add_noise(xv, nv, sv), flow.add_noise(xa, na, sa), sv, sa, nv, na
+
+    # ---- updates --------------------------------------------------------------------------------
+    def critic_update(self, inp: dict[str, Any], g: torch.Generator, ctx: WorkerContext) -> float:
+        """One flow-matching step of the critic on a detached student sample."""
+        k = len(ctx.cfg.distill.student_sigmas)
+        with torch.no_grad():
+            xv, xa = self._sample(inp, g, int(torch.randint(0, k, (1,), generator=g)))
+        xtv, xta, sv, sa, nv, na = self._noised(xv, xa, inp, g, ctx)
+        vel_v, vel_a = self.critic(xtv, xta, sv.to(ctx.dtype), sa.to(ctx.dtype), *inp["text"])
+        x0v, x0a = flow.x0_from_velocity(xtv, vel_v, sv), flow.x0_from_velocity(xta, vel_a, sa)
+        loss = dmd.critic_loss(x0v, xtv, nv, xv, sv) + dmd.critic_loss(x0a, xta, na, xa, sa)
+        self.critic.backward(loss)
+        self.critic.step()
+        return float(loss.detach())
+
+    def generator_update(
+        self, inp: dict[str, Any], g: torch.Generator, exit_step: int, ctx: WorkerContext
+    ) -> dict[str, float]:
+        """One DMD step of the student; returns losses and per-modality gradient norms."""
+        d = ctx.cfg.distill
+        xv, xa = self._sample(inp, g, exit_step)  # gradient through each block's exit step
+        xtv, xta, sv, sa, _, _ = self._noised(xv.detach(), xa.detach(), inp, g, ctx)
+        with torch.no_grad():
+            rv, ra = guided_x0(
+                self.real, xtv, xta, sv, sa, inp["text"], inp["null"], (d.cfg_video, d.cfg_audio)
+            )
+            fvel_v, fvel_a = self.critic.module(xtv, xta, sv, sa, *inp["text"])
+            fv, fa = flow.x0_from_velocity(xtv, fvel_v, sv), flow.x0_from_velocity(xta, fvel_a, sa)
+        v0, a0 = inp["last"] or (0, 0)  # supervised frames: the last block or the whole clip
+        lv, gv = dmd.dmd_loss(xv[:, v0:], rv[:, v0:], fv[:, v0:])
+        la, ga = dmd.dmd_loss(xa[:, a0:], ra[:, a0:], fa[:, a0:])
+        self.engine.backward(d.dmd_weight_video * lv + d.dmd_weight_audio * la)
+        out = {"loss/dmd_video": float(lv.detach()), "loss/dmd_audio": float(la.detach())}
+        # ∂loss/∂x̂_m = w_m · g_m / numel_m: the DMD gradient that reaches each output.
+        out["grad/out_video"] = d.dmd_weight_video * float(gv.float().norm()) / gv.numel()
+        out["grad/out_audio"] = d.dmd_weight_audio * float(ga.float().norm()) / ga.numel()
+        if d.grad_norm_every:
+            out |= grad_norms(list(self.engine.module.named_parameters()), self.deepspeed)
+        self.engine.step()
+        return out
+
+    def train_step(
+        self, step: int, next_batch: Callable[[], Batch], ctx: WorkerContext
+    ) -> dict[str, float]:
+        d = ctx.cfg.distill
+        inp = self.inputs(next_batch(), ctx)
+        self.engine.train()
+        self.critic.train()
+        critic = [
+            self.critic_update(inp, ctx.generator(step, i, purpose=1), ctx)
+            for i in range(d.critic_updates_per_generator)
+        ]
+        # One exit step per rollout, the same on every rank (no rank in the seed).
+        ge = torch.Generator().manual_seed(ctx.cfg.train.seed * 1_000_003 + step)
+        exit_step = int(torch.randint(0, len(d.student_sigmas), (1,), generator=ge))
+        out = self.generator_update(inp, ctx.generator(step, 0, purpose=2), exit_step, ctx)
+        for ema in self._emas.values():
+            ema.update(self.engine.module)
+        out["loss/critic"] = sum(critic) / len(critic)
+        out["loss"] = d.dmd_weight_video * out["loss/dmd_video"]
+        out["loss"] += d.dmd_weight_audio * out["loss/dmd_audio"]
+        out["exit_step"] = float(exit_step)
+        out["lr"] = float(self.engine.get_lr()[0])
+        return out
+
+    def export(self, out_dir: Path | None, ctx: WorkerContext) -> None:
+        """The causal student (EMA weights if enabled) as a Bundle `promote` can register."""
+        ema = self._emas.get("student")
+        roles.export_student(
+            self.engine.module, ema.state() if ema else None, self.teacher, out_dir, self.name
+        )
+
+
+STAGE = SelfForcingStage
