@@ -1,0 +1,143 @@
+"""Data-loading throughput: Ray Data pipeline vs a single-process webdataset loop, same S3 shards.
+
+Starts a local S3 endpoint (moto_server on a free port), writes synthetic shards to it with
+`data.shards.synth`, fits the embedded codecs, then measures samples/s for
+  plain  : `data.reader.iter_samples` in this process (decode; decode + codec encode)
+  ray    : `data.ray_data.build_dataset` / `latent_dataset` on a local Ray with 1 and 2 CPUs
+and prints the figures with ray/plain ratios. Each Ray figure is the best of `--repeats` runs
+(the first run pays for worker start-up; that time is printed separately).
+
+Usage: python benchmarks/data.py [--clips 16] [--seconds 5.04] [--repeats 2]
+Deliberately not a test: it asserts nothing and is not run by the suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _start_s3() -> tuple[subprocess.Popen, str]:
+    import boto3
+
+    from tests.fixtures.s3 import _free_port, _wait_up
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        ["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    _wait_up(url, proc)
+    os.environ.update(
+        AWS_ENDPOINT_URL=url,
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="bench")
+    return proc, url
+
+
+def _rate(run: Callable[[], Iterable], expect: int) -> tuple[float, float]:
+    """(samples/s, seconds) of one full pass."""
+    start = time.perf_counter()
+    n = sum(1 for _ in run())
+    took = time.perf_counter() - start
+    if n != expect:
+        raise RuntimeError(f"expected {expect} samples, got {n}")
+    return n / took, took
+
+
+def _plain(path: str, codec_dir: str, clips: int) -> dict[str, float]:
+    import numpy as np
+    import torch
+
+    from data.reader import iter_samples
+    from model.codecs import load_codecs
+
+    video, audio = load_codecs(codec_dir)
+
+    def encode() -> Iterable:
+        with torch.no_grad():
+            for s in iter_samples(path):
+                v = video.encode(torch.from_numpy(np.ascontiguousarray(s.frames)))
+                yield v, audio.encode(torch.from_numpy(s.audio))
+
+    return {
+        "decode": _rate(lambda: iter_samples(path), clips)[0],
+        "decode+encode": _rate(encode, clips)[0],
+    }
+
+
+def _ray(path: str, codec_dir: str, clips: int, cpus: int, repeats: int) -> dict[str, float]:
+    import ray
+
+    from data.ray_data import build_dataset, latent_dataset
+
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        runs = {
+            "decode": lambda: build_dataset(path).iter_rows(),
+            "decode+encode": lambda: latent_dataset(path, codec_dir, batch_size=4).iter_rows(),
+        }
+        out = {}
+        for name, run in runs.items():
+            rates = [_rate(run, clips) for _ in range(repeats)]
+            out[name] = max(r for r, _ in rates)
+            out[f"{name} first-run s"] = rates[0][1]
+        return out
+    finally:
+        ray.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clips", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=5.04)
+    parser.add_argument("--shard-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+
+    from data.reader import iter_samples
+    from data.shards import synth
+    from model.codecs import fit_codecs, save_codecs
+
+    torch.set_num_threads(1)
+    proc, url = _start_s3()
+    try:
+        path = "s3://bench/shards"
+        synth(path, args.clips, seconds=args.seconds, shard_size=args.shard_size, seed=0)
+        codec_dir = tempfile.mkdtemp(prefix="bench-codec-")
+        save_codecs(codec_dir, *fit_codecs((s.frames, s.audio) for s in iter_samples(path)))
+        print(f"{args.clips} clips of {args.seconds} s, shards of {args.shard_size}, S3 at {url}")
+        plain = _plain(path, codec_dir, args.clips)
+        rows = [("plain 1 process", plain)]
+        for cpus in (1, 2):
+            rows.append((f"ray {cpus} CPU", _ray(path, codec_dir, args.clips, cpus, args.repeats)))
+    finally:
+        proc.terminate()
+    print(f"{'':18}{'decode/s':>10}{'ratio':>8}{'dec+enc/s':>11}{'ratio':>8}{'1st run s':>11}")
+    for name, r in rows:
+        first = r.get("decode first-run s")
+        print(
+            f"{name:18}{r['decode']:10.2f}{r['decode'] / plain['decode']:8.2f}"
+            f"{r['decode+encode']:11.2f}{r['decode+encode'] / plain['decode+encode']:8.2f}"
+            f"{(f'{first:.1f}' if first else '-'):>11}"
+        )
+
+
+if __name__ == "__main__":
+    main()
