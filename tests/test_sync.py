@@ -75,7 +75,7 @@ def test_contacts_survive_the_codecs(fitted_codecs) -> None:
     video, audio = fitted_codecs
     hits_v = hits_a = total = 0
     decoded = []
-    for s in range(30, 40):
+    for s in range(30, 38):
         c = render_clip(s, n_balls=1)  # the measured design: one ball (see report for two)
         fr = video.decode(video.encode(torch.from_numpy(c.frames))).numpy()
         au = audio.decode(audio.encode(torch.from_numpy(c.audio))).numpy()

@@ -9,6 +9,7 @@ from data.world import (
     BACKGROUND,
     COLOURS,
     PITCHES,
+    _trajectory,
     caption_vocabulary,
     parse_caption,
     render_clip,
@@ -58,8 +59,6 @@ def test_contacts_per_clip_and_positions_touch_walls() -> None:
     ball = clip.meta["balls"][0]
     for ev in clip.meta["events"]:
         # Ball centre at the contact time is exactly radius away from the named wall.
-        from data.world import _trajectory
-
         x, y = _trajectory(ball, np.array([ev["time"]]), 64, 64)
         gap = {"left": x[0], "right": 64 - x[0], "top": y[0], "bottom": 64 - y[0]}[ev["wall"]]
         assert gap == pytest.approx(ball["radius"], abs=1e-6)
