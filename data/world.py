@@ -146,14 +146,22 @@ def _sample_balls(rng: np.random.Generator, n_balls: int, height: int, width: in
         # angle: degrees counter-clockwise from +x with y pointing UP (math convention).
         angle = math.degrees(math.atan2(sy * math.sin(rad), sx * math.cos(rad)))
         direction = ("up" if sy > 0 else "down") + "-" + ("right" if sx > 0 else "left")
-        balls.append({
-            "colour": str(colours[i]), "size": size, "pitch": str(pitches[i]),
-            "pitch_hz": PITCHES[str(pitches[i])], "radius": radius, "speed": speed,
-            "angle": angle, "direction": direction,
-            "x0": float(rng.uniform(radius, width - radius)),
-            "y0": float(rng.uniform(radius, height - radius)),
-            "vx": vx, "vy": vy_img,
-        })  # fmt: skip
+        balls.append(
+            {
+                "colour": str(colours[i]),
+                "size": size,
+                "pitch": str(pitches[i]),
+                "pitch_hz": PITCHES[str(pitches[i])],
+                "radius": radius,
+                "speed": speed,
+                "angle": angle,
+                "direction": direction,
+                "x0": float(rng.uniform(radius, width - radius)),
+                "y0": float(rng.uniform(radius, height - radius)),
+                "vx": vx,
+                "vy": vy_img,
+            }
+        )
     return balls
 
 
