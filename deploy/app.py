@@ -30,6 +30,14 @@ API_KEY_ENV = "OMNIFORCING_API_KEY"
 DEPLOYMENT = "OmniForcing"
 APP_NAME = "omniforcing"
 _PAGE = Path(__file__).with_name("page.html")
+# Environment the replicas need (they may run on other nodes): registry access and the API key.
+_PASS_ENV = {
+    API_KEY_ENV,
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD",
+    "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD",
+}
 
 
 @dataclass(frozen=True)
@@ -197,7 +205,7 @@ def build_app(
 ) -> Any:
     """The bound Serve application (pass it to `serve.run`)."""
     actor: dict[str, Any] = {"num_cpus": replica_cpus}
-    env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", API_KEY_ENV) if k in os.environ}
+    env = {k: v for k, v in os.environ.items() if k in _PASS_ENV or k.startswith("AWS_")}
     if env:
         actor["runtime_env"] = {"env_vars": env}
     deployment = OmniForcingServer.options(

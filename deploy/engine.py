@@ -93,36 +93,41 @@ def load_model(uri: str, device: str | None = None) -> LoadedModel:
         info = ModelInfo(uri, "synthetic", "0", None, "synthetic")
         return LoadedModel(info, lambda: SyntheticGenerator(delay=delay))
     bundle, info = _load_bundle(uri)
-    _, StreamingGenerator = _model_api()
+    StreamingGenerator = _model_api()
     return LoadedModel(info, lambda: StreamingGenerator(bundle, device=device))
 
 
-def _model_api() -> tuple[Any, Any]:
-    """(Bundle, StreamingGenerator), imported late: torch is needed only for a real model."""
+def _model_api() -> Any:
+    """StreamingGenerator, imported late: torch is needed only for a real model."""
     try:
-        from model import Bundle, StreamingGenerator
-    except ImportError:  # model/__init__ not exporting them yet: use the defining modules
-        from model.bundle import Bundle
+        from model import StreamingGenerator
+    except ImportError:  # model/__init__ not exporting it yet: use the defining module
         from model.streaming import StreamingGenerator
-    return Bundle, StreamingGenerator
+    return StreamingGenerator
 
 
 def _load_bundle(uri: str) -> tuple[Any, ModelInfo]:
-    Bundle, _ = _model_api()
-
-    if not uri.startswith("models:/"):
-        path = Path(uri)
-        if not path.is_dir():
-            raise FileNotFoundError(f"--model {uri!r}: not a bundle directory or models:/ URI")
-        bundle = Bundle.from_pretrained(path)
-        return bundle, ModelInfo(uri, path.name, _dir_version(path), None, _preset(bundle))
+    """Bundle + what it is. An alias is resolved to a version first and that version is loaded,
+    so the reported version is the one served even if the alias moves meanwhile."""
     from pipeline.registry import load_bundle
 
-    bundle = load_bundle(uri)
-    name, _, ref = uri[len("models:/") :].partition("@")
-    alias = ref or None
-    version = _registry_version(name, alias) if alias else name.rpartition("/")[2]
-    return bundle, ModelInfo(uri, name.partition("/")[0], version, alias, _preset(bundle))
+    if uri.startswith("models:/"):
+        name, _, alias = uri[len("models:/") :].partition("@")
+        name, _, version = name.partition("/")
+        if not name or not (alias or version):
+            raise ValueError(f"--model {uri!r}: expected models:/<name>@<alias> or /<version>")
+        if alias:
+            version = _registry_version(name, alias)
+        bundle = load_bundle(f"models:/{name}/{version}")
+        return bundle, ModelInfo(uri, name, version, alias or None, _preset(bundle))
+    if "://" in uri or ":/" in uri:  # runs:/…, s3://… : whatever the registry loader takes
+        bundle = load_bundle(uri)
+        return bundle, ModelInfo(uri, uri, "unversioned", None, _preset(bundle))
+    path = Path(uri)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model {uri!r}: not a bundle directory or a models:/ URI")
+    bundle = load_bundle(str(path))
+    return bundle, ModelInfo(uri, path.name, _dir_version(path), None, _preset(bundle))
 
 
 def _dir_version(path: Path) -> str:
@@ -140,8 +145,7 @@ def _registry_version(name: str, alias: str) -> str:
 
 
 def _preset(bundle: Any) -> str | None:
-    cfg = getattr(getattr(bundle, "model", None), "cfg", None)
-    return getattr(cfg, "preset", None) or getattr(cfg, "name", None)
+    return getattr(getattr(bundle, "config", None), "name", None)  # ModelConfig.name: the preset
 
 
 class Overloaded(RuntimeError):

@@ -58,7 +58,7 @@ class DevTools:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle_dir):
+def server(tiny_bundle_dir, ray_local):
     with running_serve(str(tiny_bundle_dir), max_streams=2, max_seconds=10) as url:
         yield url
 

@@ -1,5 +1,6 @@
-"""Integration tests: a real Ray Serve app (local Ray) serving the tiny student over real HTTP and
-WebSocket. One app for the whole module; the reload test runs last because it swaps the model."""
+"""Integration tests: a real Ray Serve app (local Ray) serving the tiny student from a real MLflow
+registry (`models:/omniforcing-student@champion`) over real HTTP and WebSocket. One app for the
+whole module; the reload test runs last because it moves the alias to a new version."""
 
 from __future__ import annotations
 
@@ -15,18 +16,30 @@ from websockets.sync.client import connect
 from deploy.client import ClientError, generate_local, save_stream, stream_http, stream_ws
 from deploy.mp4writer import probe
 from deploy.protocol import decode_part
-from tests.fixtures.serve import running_serve, save_tiny_bundle, wait_for
+from tests.fixtures.serve import promote_bundle, running_serve, save_tiny_bundle, wait_for
 
 KEY = "test-key-123"
 AUTH = {"X-API-Key": KEY}
 MAX_STREAMS = 8
 
 
+MODEL = "models:/omniforcing-student@champion"
+
+
 @pytest.fixture(scope="module")
-def server(tiny_bundle_dir):
-    with running_serve(
-        str(tiny_bundle_dir), max_streams=MAX_STREAMS, max_seconds=10, api_key=KEY
-    ) as url:
+def registry(mlflow_server: str, tiny_bundle_dir):
+    """MLflow env for this module (replicas inherit it) and version 1 promoted to @champion."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        mp.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
+        mp.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "false")
+        first = promote_bundle(mlflow_server, tiny_bundle_dir)
+        yield mlflow_server, first
+
+
+@pytest.fixture(scope="module")
+def server(registry, ray_local):
+    with running_serve(MODEL, max_streams=MAX_STREAMS, max_seconds=10, api_key=KEY) as url:
         yield url
 
 
@@ -48,8 +61,8 @@ def test_health_model_info_and_api_key(server: str) -> None:
     r = httpx.get(server + "/v1/model", headers={"X-API-Key": "wrong"})
     assert r.status_code == 401
     info = httpx.get(server + "/v1/model", headers={"Authorization": f"Bearer {KEY}"}).json()
-    assert info["name"] == "tiny-student" and info["preset"] == "tiny"
-    assert info["version"].startswith("sha256:") and info["alias"] is None
+    assert info["name"] == "omniforcing-student" and info["preset"] == "tiny"
+    assert info["alias"] == "champion" and info["version"] == "1"
     r = httpx.post(server + "/v1/generate", json={"prompt": "a", "seconds": 1})
     assert r.status_code == 401
     assert "<canvas" in httpx.get(server + "/").text
@@ -165,12 +178,14 @@ def test_disconnect_mid_stream_frees_the_session(server: str) -> None:
     assert http_free_s < 10
 
 
-def test_reload_switches_version_and_running_stream_finishes_on_old(server: str, tmp_path) -> None:
+def test_alias_move_and_reload_switch_version_while_running_stream_finishes_on_old(
+    server: str, registry, tmp_path
+) -> None:
     from deploy.cli import start_serve
 
+    tracking_uri, first = registry
     old = httpx.get(server + "/v1/model", headers=AUTH).json()
-    new_dir = save_tiny_bundle(tmp_path / "tiny-student-v2", seed=1)
-    (new_dir / "notes.json").write_text('{"release": 2}')  # a different content version
+    assert old["version"] == first["version"]
     running: dict = {}
 
     def run() -> None:
@@ -179,9 +194,13 @@ def test_reload_switches_version_and_running_stream_finishes_on_old(server: str,
     thread = threading.Thread(target=run)
     thread.start()
     wait_for(lambda: _stats(server)["active_streams"] == 1, 30, "the running stream")
+    second = promote_bundle(tracking_uri, save_tiny_bundle(tmp_path / "v2", seed=1))
+    assert second["version"] != first["version"]
+    # Moving the alias alone changes nothing until a reload (what `serve --reload` does).
+    assert httpx.get(server + "/v1/model", headers=AUTH).json()["version"] == old["version"]
     port = int(server.rsplit(":", 1)[1])
     start_serve(
-        str(new_dir),
+        MODEL,
         port=port,
         max_streams=MAX_STREAMS,
         max_seconds=10,
@@ -189,16 +208,17 @@ def test_reload_switches_version_and_running_stream_finishes_on_old(server: str,
         replica_cpus=0.5,
         revision=1,
     )
-    new = wait_for(
+    wait_for(
         lambda: (
-            (i := httpx.get(server + "/v1/model", headers=AUTH).json())["name"] == "tiny-student-v2"
-            and i
+            httpx.get(server + "/v1/model", headers=AUTH).json()["version"] == second["version"]
         ),
         60,
         "the new version",
     )
-    assert new["version"] != old["version"]
     thread.join(timeout=120)
     parts = running["parts"]
     assert parts[0].header["model"]["version"] == old["version"]
     assert [p.type for p in parts].count("chunk") == 5 and parts[-1].type == "end"
+    new_parts = list(stream_http(server, "a red ball", 1, seed=1, api_key=KEY))
+    assert new_parts[0].header["model"]["version"] == second["version"]
+    assert not np.array_equal(new_parts[2].audio, parts[2].audio)  # other weights, same seed

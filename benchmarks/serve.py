@@ -1,0 +1,132 @@
+"""Serving benchmark: HTTP streaming through Ray Serve vs in-process generation, and aggregate FPS
+under concurrency. All figures come from one run on one machine, so the ratios are comparable.
+
+    python benchmarks/serve.py [--model DIR|models:/…|tiny] [--seconds 3] [--streams 1,2,4]
+
+Prints time to first chunk (TTFC) and mean per-chunk interval in-process and over HTTP with their
+ratio (the serving overhead), then aggregate generated FPS at each concurrency. `--json PATH`
+also writes the figures. It measures; it asserts nothing (tests/test_serve.py does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def _in_process(model: str, seconds: int, seed: int) -> dict[str, float]:
+    from deploy.engine import load_model
+
+    loaded = load_model(model)
+    for _ in loaded.new_generator().stream("warm up", 1, 0):
+        pass
+    t0, times = time.perf_counter(), []
+    for _ in loaded.new_generator().stream("a red ball moving right", seconds, seed):
+        times.append(time.perf_counter() - t0)
+    return {"ttfc_s": times[0], "chunk_s": statistics.mean(_gaps(times)), "total_s": times[-1]}
+
+
+def _gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in zip(times, times[1:], strict=False)] or [times[0]]
+
+
+def _http(url: str, seconds: int, seed: int) -> dict[str, float]:
+    from deploy.client import save_stream, stream_http
+
+    save_stream(stream_http(url, "warm up", 1, 0), None)
+    stats = save_stream(stream_http(url, "a red ball moving right", seconds, seed), None)
+    times = stats.chunk_times_s
+    return {"ttfc_s": stats.ttfc_s, "chunk_s": statistics.mean(_gaps(times)), "total_s": times[-1]}
+
+
+def _concurrent(url: str, n: int, seconds: int) -> dict[str, float]:
+    from deploy.client import save_stream, stream_http
+
+    results: list = [None] * n
+
+    def run(i: int) -> None:
+        results[i] = save_stream(stream_http(url, f"ball {i}", seconds, i), None)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    frames = sum(r.frames for r in results)
+    return {
+        "streams": n,
+        "wall_s": wall,
+        "aggregate_fps": frames / wall,
+        "mean_ttfc_s": statistics.mean(r.ttfc_s for r in results),
+        "rtf_per_stream": statistics.mean(r.rtf for r in results),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny", help="bundle dir, models:/…, or tiny (random)")
+    ap.add_argument("--seconds", type=int, default=3)
+    ap.add_argument("--streams", default="1,2,4")
+    ap.add_argument("--port", type=int, default=18765)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    levels = [int(x) for x in args.streams.split(",")]
+    model = args.model
+    if model == "tiny":
+        from model.testing import tiny_bundle
+
+        model = str(Path(tempfile.mkdtemp()) / "tiny-student")
+        tiny_bundle(seed=0).save_pretrained(model)
+
+    local = _in_process(model, args.seconds, seed=1)
+    from ray import serve
+
+    from deploy.cli import start_serve
+
+    start_serve(
+        model,
+        port=args.port,
+        max_streams=max(levels),
+        max_seconds=args.seconds,
+        replica_cpus=0.5,
+        num_cpus=8,
+    )
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        remote = _http(url, args.seconds, seed=1)
+        conc = [_concurrent(url, n, args.seconds) for n in levels]
+    finally:
+        serve.shutdown()
+    out = {
+        "model": args.model,
+        "seconds": args.seconds,
+        "in_process": local,
+        "http": remote,
+        "overhead_ttfc": remote["ttfc_s"] / local["ttfc_s"],
+        "overhead_chunk": remote["chunk_s"] / local["chunk_s"],
+        "concurrency": conc,
+    }
+    print(f"{'':14}{'TTFC ms':>10}{'chunk ms':>10}{'total s':>9}")
+    for name, r in (("in-process", local), ("HTTP (Serve)", remote)):
+        print(f"{name:14}{r['ttfc_s'] * 1e3:10.1f}{r['chunk_s'] * 1e3:10.1f}{r['total_s']:9.2f}")
+    print(
+        f"overhead ratio: TTFC x{out['overhead_ttfc']:.2f}, per chunk x{out['overhead_chunk']:.2f}"
+    )
+    for c in conc:
+        print(
+            f"{c['streams']} streams: aggregate {c['aggregate_fps']:.1f} FPS, "
+            f"mean TTFC {c['mean_ttfc_s'] * 1e3:.0f} ms, real-time factor/stream {c['rtf_per_stream']:.2f}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
