@@ -40,13 +40,16 @@ def synth(
     seed: Annotated[int, typer.Option(help="same seed -> same shards")] = 0,
     height: Annotated[int, typer.Option(min=8)] = 64,
     width: Annotated[int, typer.Option(min=8)] = 64,
+    balls: Annotated[int, typer.Option(min=1, max=4, help="at most this many balls per clip")] = 2,
 ) -> None:
     """Render synthetic bouncing-ball clips into webdataset shards (mp4 + json) + index.json."""
     from data.shards import synth as run
 
     with _progress("synth", clips) as tick:
         try:
-            index = run(out, clips, seconds, shard_size, seed, height, width, progress=tick)
+            index = run(
+                out, clips, seconds, shard_size, seed, height, width, progress=tick, max_balls=balls
+            )
         except ValueError as err:
             raise typer.BadParameter(str(err)) from err
     _print({"out": out, "shards": len(index["shards"]), "samples": index["total_samples"],

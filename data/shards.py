@@ -275,8 +275,9 @@ def synth(
     height: int = 64,
     width: int = 64,
     progress: Callable[[int], None] | None = None,
+    max_balls: int = 2,
 ) -> dict[str, Any]:
-    """Render `clips` synthetic clips into shards at `out`; returns the index."""
+    """Render `clips` synthetic clips (1..max_balls balls each) into shards; returns the index."""
     from data.mp4 import encode_mp4
     from data.world import render_clip
 
@@ -284,11 +285,13 @@ def synth(
         raise ValueError(f"clips must be >= 1, got {clips}")
     writer = ShardWriter(out, shard_size)
     for i in range(clips):
-        clip = render_clip(clip_seed(seed, i), seconds=seconds, height=height, width=width)
+        clip = render_clip(
+            clip_seed(seed, i), seconds=seconds, height=height, width=width, max_balls=max_balls
+        )
         fps, rate = int(clip.meta["fps"]), int(clip.meta["sample_rate"])
         writer.add(f"clip-{i:06d}", encode_mp4(clip.frames, clip.audio, fps, rate), clip.meta)
         if progress is not None:
             progress(i + 1)
     extra = {"synth": {"seed": seed, "clips": clips, "seconds": seconds, "height": height}}
-    extra["synth"]["width"] = width
+    extra["synth"] |= {"width": width, "max_balls": max_balls}
     return writer.close(extra)
