@@ -109,6 +109,8 @@ def promote(
                 python_model=str(code),
                 artifacts={"bundle": bundle},
                 registered_model_name=name,
+                # Explicit requirements: inferring them loads the model in a subprocess (slow).
+                pip_requirements=["mlflow", "torch", "safetensors"],
             )
     version = str(info.registered_model_version)
     client.set_registered_model_alias(name, alias, version)

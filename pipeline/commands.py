@@ -1,0 +1,174 @@
+"""CLI commands of the training platform: `train`, `pipeline`, `promote`, `runs`.
+
+`register(app)` adds them to the root `omniforcing` Typer app (pipeline/cli.py). User errors
+(config keys, incompatible resume, unpromotable run) are printed as one clean message with exit
+code 2, never a traceback. Long work shows a rich progress bar fed from the run's MLflow metrics.
+It holds no training logic (pipeline.trainer) and no registry logic (pipeline.registry).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipeline.config import ConfigError, JobConfig, load_config
+
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML job config.")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a key: a.b=c (repeatable).")
+]
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Print ConfigError/ValueError/FileNotFoundError cleanly and exit 2."""
+    try:
+        yield
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
+        raise typer.Exit(2) from None
+
+
+@contextlib.contextmanager
+def progress_from_mlflow(cfg: JobConfig, label: str) -> Iterator[None]:
+    """A progress bar of the newest run's logged steps, polled in a thread while work runs."""
+    from pipeline import tracking
+
+    stop = threading.Event()
+    client = tracking.client_for(tracking.tracking_uri(cfg))
+
+    def poll(bar: Progress, task: Any) -> None:
+        while not stop.wait(2.0):
+            with contextlib.suppress(Exception):
+                run = tracking.find_run(client, cfg.mlflow.experiment, "latest", label)
+                hist = client.get_metric_history(run.info.run_id, "loss")
+                bar.update(task, completed=max((m.step for m in hist), default=0))
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(f"train {label}", total=cfg.train.steps)
+        thread = threading.Thread(target=poll, args=(bar, task), daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+
+
+def train(
+    stage: Annotated[str, typer.Argument(help="teacher | ode | self-forcing")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[str | None, typer.Option("--resume", help="latest | <mlflow-run-id>")] = None,
+) -> None:
+    """Train one stage as a Ray Train job (DeepSpeed ZeRO), tracked in MLflow."""
+    from pipeline.trainer import run_stage
+
+    with user_errors():
+        cfg = load_config(config, set_ or [])
+        with progress_from_mlflow(cfg, stage):
+            result = run_stage(cfg, stage, resume=resume)
+    console.print(
+        f"[green]{stage} done[/]: run {result.run_id}, step {result.step}, checkpoint {result.checkpoint_uri}"
+    )
+
+
+def pipeline(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """All available stages in order under one parent run; finished stages are skipped."""
+    from pipeline import tracking
+    from pipeline.config import fingerprint
+    from pipeline.stages import available_stages
+    from pipeline.trainer import run_stage
+
+    with user_errors():
+        cfg = load_config(config, set_ or [])
+        client = tracking.client_for(tracking.tracking_uri(cfg))
+        exp = tracking.experiment_id(client, cfg.mlflow.experiment)
+        parent = client.create_run(
+            exp, tags={"mlflow.runName": "pipeline", tracking.STAGE_TAG: "pipeline"}
+        ).info.run_id
+        for stage in available_stages():
+            filt = f"tags.`{tracking.STAGE_TAG}` = '{stage}' AND tags.`{tracking.FINGERPRINT_TAG}` = '{fingerprint(cfg)}'"
+            prior = client.search_runs(
+                [exp], filt, order_by=["attributes.start_time DESC"], max_results=1
+            )
+            if prior and prior[0].data.tags.get(tracking.STATUS_TAG) == "finished":
+                console.print(f"skip {stage}: finished in run {prior[0].info.run_id}")
+                continue
+            resume = (
+                prior[0].info.run_id
+                if prior and prior[0].data.tags.get(tracking.CKPT_TAG)
+                else None
+            )
+            with progress_from_mlflow(cfg, stage):
+                result = run_stage(cfg, stage, resume=resume, parent_run=parent)
+            console.print(f"[green]{stage} done[/]: run {result.run_id}, step {result.step}")
+        client.set_terminated(parent)
+
+
+def promote_cmd(
+    run: Annotated[str, typer.Option("--run", help="MLflow run id or 'latest'.")] = "latest",
+    name: Annotated[str, typer.Option(help="Registered model name.")] = "omniforcing-student",
+    alias: Annotated[str, typer.Option(help="Alias to move to the new version.")] = "champion",
+    config: ConfigOpt = None,
+) -> None:
+    """Register a finished student's Bundle in the MLflow registry and set the alias."""
+    from pipeline import tracking
+    from pipeline.registry import promote
+
+    with user_errors():
+        cfg = load_config(config, [])
+        out = promote(run, name, alias, tracking.tracking_uri(cfg), cfg.mlflow.experiment)
+    console.print(
+        f"[green]promoted[/] run {out['run_id']} → {out['uri']} (version {out['version']})"
+    )
+
+
+def runs(config: ConfigOpt = None, limit: Annotated[int, typer.Option(help="Rows.")] = 20) -> None:
+    """List runs: id, stage, last step, status, checkpoint."""
+    from pipeline import tracking
+
+    with user_errors():
+        cfg = load_config(config, [])
+        client = tracking.client_for(tracking.tracking_uri(cfg))
+        exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+        found = (
+            client.search_runs(
+                [exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=limit
+            )
+            if exp
+            else []
+        )
+    table = Table("run", "stage", "step", "status", "checkpoint")
+    for r in found:
+        tags = r.data.tags
+        step = tags.get(tracking.CKPT_STEP_TAG, "-")
+        table.add_row(
+            r.info.run_id,
+            tags.get(tracking.STAGE_TAG, "-"),
+            step,
+            tags.get(tracking.STATUS_TAG, r.info.status),
+            tags.get(tracking.CKPT_TAG, "-"),
+        )
+    Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("pipeline")(pipeline)
+    app.command("promote")(promote_cmd)
+    app.command("runs")(runs)
