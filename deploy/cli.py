@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from typing import Any
 
@@ -79,14 +80,23 @@ def serve_cmd(
         info = httpx.get(url + "/healthz", timeout=30).json()
         typer.echo(f"reloaded: {json.dumps(info['model'])}; reload_error={info['reload_error']}")
         return
-    typer.echo(f"serving {model} at {url}/  (Ctrl-C to stop)")
+    import ray
+    from ray import serve
+
+    # Several local Ray clusters may share a machine: say which one `--reload` must target.
+    gcs = ray.get_runtime_context().gcs_address
+    typer.echo(f"serving {model} at {url}/ (Ray at {gcs}; reload with --reload --address {gcs})")
+    # SIGTERM (containers, process managers) stops as cleanly as Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from ray import serve
-
         serve.shutdown()
+
+
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _report(stats: Any, out: str | None) -> None:
