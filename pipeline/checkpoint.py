@@ -22,7 +22,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 import torch
@@ -47,22 +46,36 @@ class Storage:
 def resolve_storage(path: str, endpoint: str | None = None, region: str = "us-east-1") -> Storage:
     """Local folder → absolute path; s3://bucket/prefix → pyarrow S3FileSystem (+endpoint)."""
     if path.startswith("s3://"):
-        parsed = urlparse(endpoint or os.environ.get("AWS_ENDPOINT_URL", ""))
-        kw: dict[str, Any] = {"region": region}
-        if parsed.netloc:
-            # pyarrow ignores AWS_ENDPOINT_URL, so a custom endpoint is passed explicitly.
-            kw.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "http")
-        if os.environ.get("AWS_ACCESS_KEY_ID"):
-            kw.update(
-                access_key=os.environ["AWS_ACCESS_KEY_ID"],
-                secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
-            )
-        return Storage(path.removeprefix("s3://").rstrip("/"), pafs.S3FileSystem(**kw), "s3://")
+        return Storage(
+            path.removeprefix("s3://").rstrip("/"), _s3_filesystem(endpoint, region), "s3://"
+        )
     if "://" in path:
         raise ValueError(f"storage.path {path!r}: only a local folder or s3://bucket/prefix")
     local = Path(path).resolve()
     local.mkdir(parents=True, exist_ok=True)
     return Storage(str(local), None, "")
+
+
+def _s3_filesystem(endpoint: str | None, region: str) -> pafs.FileSystem:
+    """pyarrow's native S3 for AWS; s3fs (wrapped for pyarrow) for a custom endpoint.
+
+    pyarrow ignores AWS_ENDPOINT_URL, and its multipart writes fail against moto's server
+    (CompleteMultipartUpload → INTERNAL_FAILURE, measured with pyarrow 25 / moto 5.2), while
+    s3fs uses plain PutObject for small files and works with any S3-compatible endpoint.
+    """
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL")
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not endpoint:
+        kw: dict[str, Any] = {"region": region}
+        if key:
+            kw.update(access_key=key, secret_key=secret or "")
+        return pafs.S3FileSystem(**kw)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        endpoint_url=endpoint, key=key, secret=secret, client_kwargs={"region_name": region}
+    )
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def open_uri(uri: str, endpoint: str | None = None, region: str = "us-east-1") -> Any:
