@@ -217,7 +217,7 @@ def write_trajectory_shards(
                 tar = tarfile.open(tmp / f"shard-{len(counts):06d}.tar", "w")
                 counts.append(0)
             tensors = {
-                k: torch.as_tensor(np.ascontiguousarray(row[k])).contiguous()
+                k: torch.tensor(np.asarray(row[k]))  # a copy: Ray hands read-only arrays
                 for k in ("video", "audio", "traj_video", "traj_audio", "traj_sigmas")
             }
             _member(tar, f"{key}.safetensors", st_save(tensors))
@@ -250,7 +250,7 @@ def read_trajectory_shards(directory: str | os.PathLike) -> Iterator[dict[str, A
             try:
                 tensors = st_load(parts["safetensors"])
                 meta = json.loads(parts["json"])
-            except (KeyError, ValueError, RuntimeError) as err:
+            except Exception as err:  # noqa: BLE001 — SafetensorError is no ValueError
                 raise ValueError(f"{d / shard}: sample {key!r} unreadable ({err})") from None
             yield {"key": key, "caption": meta["caption"]} | {
                 k: v.numpy() for k, v in tensors.items()

@@ -50,6 +50,16 @@ class OdeStage:
     name = "ode"
     plot_keys = ["loss", "loss/video", "loss/audio"]
 
+    @staticmethod
+    def prepare_dataset(ds: Any, cfg: Any) -> Any:
+        """Driver-side hook: with `teacher_mode: actors`, rows are scored by the teacher actor
+        pool (streamed, or via cached trajectory shards when `distill.trajectory_cache`)."""
+        if cfg.distill.teacher_mode != "actors":
+            return ds
+        from pipeline.distill.trajectories import cached_trajectories
+
+        return cached_trajectories(ds, cfg)
+
     def setup(self, ctx: WorkerContext) -> None:
         cfg = ctx.cfg
         self.teacher = roles.load_teacher(cfg.distill.teacher)

@@ -10,6 +10,7 @@ and supervises only the last block (earlier frames σ = 0); `distill.prefix: cle
 pins block 0 to the clip's clean latents. Critic: flow matching on detached student samples,
 `critic_updates_per_generator` updates per generator update, its own engine. Logs per-modality
 gradient norms (DMD gradient at the outputs; audio- vs video-stream parameter gradients).
+The real score always runs on this worker's frozen teacher (`teacher_mode` only affects `ode`).
 It does not run the loop or checkpoint (pipeline.trainer).
 """
 
