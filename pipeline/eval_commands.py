@@ -130,6 +130,7 @@ def collect(
     seconds: int,
     seed: int,
     want_ceiling: bool,
+    teacher_steps: int = 40,
 ) -> dict[str, list[ev.EvalClip]]:
     """The named clip sets to evaluate, from exactly one source."""
     from pipeline.registry import load_bundle
@@ -154,7 +155,7 @@ def collect(
         truth = ev.world_clips(clips, seconds, seed, cfg.height, cfg.width)
         prompts = [c.meta["caption"] for c in truth]
         for name, bundle in bundles.items():
-            sets[name] = ev.generate(bundle, prompts, seconds, seed)
+            sets[name] = ev.generate(bundle, prompts, seconds, seed, teacher_steps)
         codec_bundle = list(bundles.values())[-1]
     if want_ceiling:
         if codec_bundle is None:
@@ -179,11 +180,14 @@ def eval_cmd(
     out: Path = typer.Option(Path("eval-out"), help="Folder for eval.json and eval.png."),
     mlflow_run: str | None = typer.Option(None, help="Log metrics and files to this run."),
     tol_ms: float = typer.Option(40.0, help="Sync tolerance in ms."),
+    teacher_steps: int = typer.Option(40, min=1, help="Euler steps of a bidirectional teacher."),
 ) -> None:
     """Sync error, share in sync vs chance, motion and caption adherence of world clips."""
     if paths == []:
         paths = None
-    sets = collect(paths or [], model, compare, shards, clips, seconds, seed, ceiling)
+    sets = collect(
+        paths or [], model, compare, shards, clips, seconds, seed, ceiling, teacher_steps
+    )
     reports = {name: ev.evaluate(cs, tol_ms / 1e3) for name, cs in sets.items()}
     Console().print(report_table(reports))
     files = [write_json(reports, out / "eval.json"), plot_clips(sets, reports, out / "eval.png")]

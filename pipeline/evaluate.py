@@ -115,7 +115,9 @@ def world_clips(n: int, seconds: int, seed: int, height: int, width: int) -> lis
     return out
 
 
-def generate(bundle: Any, prompts: list[str], seconds: int, seed: int) -> list[EvalClip]:
+def generate(
+    bundle: Any, prompts: list[str], seconds: int, seed: int, teacher_steps: int = 40
+) -> list[EvalClip]:
     """One clip per prompt, clip i with seed + i. Causal -> streamed; bidirectional -> teacher.
 
     meta carries the caption and `gen_s_per_s` (wall seconds per second of content).
@@ -134,7 +136,9 @@ def generate(bundle: Any, prompts: list[str], seconds: int, seed: int) -> list[E
             audio = torch.cat([c.audio for c in chunks], dim=1)  # [C, 640 + 16000 s]
         else:
             gen = torch.Generator().manual_seed(seed + i)
-            v, a = sample_teacher(bundle.model, bundle.text_encoder, [prompt], seconds, gen)
+            v, a = sample_teacher(
+                bundle.model, bundle.text_encoder, [prompt], seconds, gen, steps=teacher_steps
+            )
             frames, audio = decode_clip(bundle, v[0], a[0])
         meta = {
             "caption": prompt,
