@@ -257,6 +257,17 @@ def read_trajectory_shards(directory: str | os.PathLike) -> Iterator[dict[str, A
             }
 
 
+def decode_shard_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A `ray.data.read_webdataset` row of a trajectory shard → a trainer row (numpy arrays)."""
+    try:
+        tensors = st_load(bytes(row["safetensors"]))
+        caption = row["json"]["caption"]
+    except Exception as err:  # noqa: BLE001 — SafetensorError is no ValueError
+        where = f"{row.get('__url__')}: sample {row.get('__key__')!r}"
+        raise ValueError(f"{where} unreadable ({err})") from None
+    return {"key": row["__key__"], "caption": caption} | {k: v.numpy() for k, v in tensors.items()}
+
+
 def cached_trajectories(ds: Any, cfg: Any) -> Any:
     """Trajectory rows as a Ray Dataset: from shards when cached, else scored by the actor pool
     (and written as shards first when `distill.trajectory_cache` is set)."""
@@ -268,4 +279,6 @@ def cached_trajectories(ds: Any, cfg: Any) -> Any:
     out = trajectory_dir(d.trajectory_cache, teacher_fingerprint(d.teacher), d.student_sigmas)
     if not (out / "index.json").is_file():
         write_trajectory_shards(score_dataset(ds, cfg).iter_rows(), out)
-    return ray.data.from_items(list(read_trajectory_shards(out)))
+    index = json.loads((out / "index.json").read_text())
+    paths = [str(out / name) for name in index["shards"]]
+    return ray.data.read_webdataset(paths).map(decode_shard_row)

@@ -172,7 +172,12 @@ class SelfForcingStage:
         return float(loss.detach())
 
     def generator_update(
-        self, inp: dict[str, Any], g: torch.Generator, exit_step: int, ctx: WorkerContext
+        self,
+        inp: dict[str, Any],
+        g: torch.Generator,
+        exit_step: int,
+        ctx: WorkerContext,
+        norms: bool = True,
     ) -> dict[str, float]:
         """One DMD step of the student; returns losses and per-modality gradient norms."""
         d = ctx.cfg.distill
@@ -192,7 +197,7 @@ class SelfForcingStage:
         # ∂loss/∂x̂_m = w_m · g_m / numel_m: the DMD gradient that reaches each output.
         out["grad/out_video"] = d.dmd_weight_video * float(gv.float().norm()) / gv.numel()
         out["grad/out_audio"] = d.dmd_weight_audio * float(ga.float().norm()) / ga.numel()
-        if d.grad_norm_every:
+        if norms:  # collective under ZeRO (every rank gathers the same grads)
             out |= grad_norms(list(self.engine.module.named_parameters()), self.deepspeed)
         self.engine.step()
         return out
@@ -211,7 +216,8 @@ class SelfForcingStage:
         # One exit step per rollout, the same on every rank (no rank in the seed).
         ge = torch.Generator().manual_seed(ctx.cfg.train.seed * 1_000_003 + step)
         exit_step = int(torch.randint(0, len(d.student_sigmas), (1,), generator=ge))
-        out = self.generator_update(inp, ctx.generator(step, 0, purpose=2), exit_step, ctx)
+        norms = bool(d.grad_norm_every) and step % d.grad_norm_every == 0
+        out = self.generator_update(inp, ctx.generator(step, 0, purpose=2), exit_step, ctx, norms)
         for ema in self._emas.values():
             ema.update(self.engine.module)
         out["loss/critic"] = sum(critic) / len(critic)
