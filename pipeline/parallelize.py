@@ -62,24 +62,21 @@ def lr_multiplier(step: int, cfg: JobConfig) -> float:
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class _LrLambda:
-    # A callable object (not a lambda) so LambdaLR.state_dict() stays plain data.
-    def __init__(self, cfg: JobConfig) -> None:
-        self.cfg = cfg
-
-    def __call__(self, step: int) -> float:
-        return lr_multiplier(step, self.cfg)
-
-
 def make_engine(net: nn.Module, cfg: JobConfig, lr: float | None = None) -> Any:
     """deepspeed.initialize on `net`; returns the engine (optimizer + LR scheduler inside)."""
     import deepspeed
+
+    def multiplier(step: int) -> float:
+        # A plain function, not a callable object: LambdaLR.state_dict() would otherwise save the
+        # object's __dict__ (the config) into the checkpoint and a resume would restore the *old*
+        # horizon. The schedule is a pure function of the current config and the restored step.
+        return lr_multiplier(step, cfg)
 
     engine, _, _, _ = deepspeed.initialize(
         model=net,
         model_parameters=[p for p in net.parameters() if p.requires_grad],
         config=ds_config(cfg, lr),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, _LrLambda(cfg)),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, multiplier),
     )
     return engine
 
