@@ -81,12 +81,19 @@ async def _watch(ws: WebSocket, cancel: asyncio.Event) -> None:
             msg = await ws.receive()
             if msg["type"] == "websocket.disconnect":
                 break
-            text = msg.get("text")
-            if text and json.loads(text).get("type") == "cancel":
+            if _is_cancel(msg.get("text")):
                 break
     except Exception:  # noqa: BLE001 — any receive failure means the client is gone
         pass
     cancel.set()
+
+
+def _is_cancel(text: str | None) -> bool:
+    try:
+        obj = json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return False  # other messages are ignored, not fatal to the stream
+    return isinstance(obj, dict) and obj.get("type") == "cancel"
 
 
 @serve.deployment(name=DEPLOYMENT, graceful_shutdown_timeout_s=600, health_check_period_s=5)
@@ -161,12 +168,8 @@ class OmniForcingServer:
         req = parse_request(
             await _read_body(request, self.settings.max_body), self.settings.max_seconds
         )
-        sid = self._admit()
-        try:
-            parts = self.engine.stream(sid, req)
-        except BaseException:
-            self.engine.release(sid)
-            raise
+        sid = self._admit()  # a slot whose stream never starts is reclaimed by the engine
+        parts = self.engine.stream(sid, req)
         headers = {"X-Stream-Id": sid, "Cache-Control": "no-store"}
         return StreamingResponse(parts, media_type=MEDIA_TYPE, headers=headers)
 
@@ -186,14 +189,16 @@ class OmniForcingServer:
             return
         cancel = asyncio.Event()
         watcher = asyncio.create_task(_watch(ws, cancel))
+        parts = self.engine.stream(sid, req, cancel)
         try:
-            async for part in self.engine.stream(sid, req, cancel):
+            async for part in parts:
                 await ws.send_bytes(part)
             await ws.close()
         except (WebSocketDisconnect, RuntimeError):
             cancel.set()  # the socket went away while sending
         finally:
             watcher.cancel()
+            await parts.aclose()  # stops the worker now, not when the generator is collected
 
 
 def build_app(

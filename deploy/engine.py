@@ -155,12 +155,18 @@ class Overloaded(RuntimeError):
 class Engine:
     """Per-replica stream admission, generation threads and session accounting."""
 
-    def __init__(self, loaded: LoadedModel, max_streams: int) -> None:
+    def __init__(
+        self, loaded: LoadedModel, max_streams: int, start_timeout_s: float = 30.0
+    ) -> None:
         self.model = loaded
         self.max_streams = max_streams
         self._pool = ThreadPoolExecutor(max_streams, thread_name_prefix="omniforcing-gen")
         self._lock = threading.Lock()
-        self._active: dict[str, float] = {}  # stream id -> admission time
+        # stream id -> admission time until its stream starts, then None. A slot whose stream never
+        # starts (client gone between the 200 headers and the first body read) is reclaimed after
+        # start_timeout_s, so it cannot leak.
+        self._active: dict[str, float | None] = {}
+        self.start_timeout_s = start_timeout_s
         self._live: weakref.WeakSet = weakref.WeakSet()  # generator iterators (own KV caches)
 
     def stats(self) -> dict[str, int]:
@@ -173,10 +179,14 @@ class Engine:
     def admit(self) -> str:
         """Reserve a slot or raise `Overloaded`; the slot is freed when its thread ends."""
         with self._lock:
+            now = time.monotonic()
+            for old, t in list(self._active.items()):
+                if t is not None and now - t > self.start_timeout_s:
+                    del self._active[old]
             if len(self._active) >= self.max_streams:
                 raise Overloaded(f"{len(self._active)} of {self.max_streams} streams running")
             sid = uuid.uuid4().hex[:12]
-            self._active[sid] = time.monotonic()
+            self._active[sid] = now
             return sid
 
     def release(self, sid: str) -> None:
@@ -197,6 +207,9 @@ class Engine:
             except RuntimeError:  # loop already closed: nobody is listening any more
                 pass
 
+        with self._lock:
+            if sid in self._active:
+                self._active[sid] = None  # started: from now on only its worker releases it
         try:
             head = {"type": "start", "stream_id": sid, "model": loaded.info.to_json()}
             yield encode_part({**head, **asdict(req)})

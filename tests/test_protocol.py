@@ -144,6 +144,10 @@ def test_engine_streams_cancels_and_frees_sessions() -> None:
     engine.admit()
     with pytest.raises(Overloaded):
         engine.admit()
+    # An admitted stream that never starts (client gone before the body) is reclaimed.
+    engine.start_timeout_s = 0.05
+    asyncio.run(asyncio.sleep(0.1))
+    engine.release(engine.admit())
     engine.shutdown()
 
 

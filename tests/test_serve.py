@@ -144,6 +144,10 @@ def test_eight_concurrent_streams_complete_and_ninth_gets_503(server: str) -> No
     assert r.status_code == 503 and int(r.headers["Retry-After"]) > 0
     assert "overloaded" in r.json()["error"]["message"]
     assert time.monotonic() - t0 < 5  # refused at once, never queued behind the others
+    with connect(server.replace("http", "ws") + "/v1/stream", additional_headers=AUTH) as ws:
+        ws.send(json.dumps({"prompt": "a", "seconds": 1}))
+        part = decode_part(ws.recv(timeout=30))
+        assert part.type == "error" and part.header["error"]["status"] == 503
     for t in threads:
         t.join(timeout=180)
     assert all(not isinstance(s, Exception) for s in results), results
