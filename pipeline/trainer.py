@@ -228,10 +228,9 @@ def build_dataset(cfg: JobConfig) -> Any:
     if cfg.data.source == "shards":
         from data.ray_data import latent_dataset
 
+        # S3 endpoint and keys come from the environment (AWS_ENDPOINT_URL, AWS_*), see data/.
         ds = latent_dataset(
-            cfg.data.path,
-            cfg.data.codec_dir or cfg.data.path.rstrip("/") + "/codecs",
-            storage_options=dict(cfg.data.storage_options),
+            cfg.data.path, cfg.data.codec_dir or cfg.data.path.rstrip("/") + "/codecs"
         )
     else:
         ds = ray.data.from_items(random_rows(cfg))

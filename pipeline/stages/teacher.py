@@ -10,7 +10,6 @@ DiT and the word text encoder together. It does not run the loop or checkpoint (
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -175,22 +174,14 @@ class TeacherStage:
 
 
 def load_codecs(cfg: Any, mcfg: Any) -> tuple[Any, Any]:
-    """Codecs from `data.codec_dir` (a Bundle-style config.json + codecs.safetensors) if there,
-    else unfitted default codecs of the preset's geometry (random-latent runs)."""
-    from model.bundle import codec_class
+    """The fitted codecs the shards were encoded with (`data.codec_dir`, local folder written by
+    `model.codecs.save_codecs`), else unfitted default codecs of the preset's geometry (random
+    latents). Travelling with the Bundle, they let serving decode what the network generates."""
     from model.codecs import CellVideoCodec, EnvelopeAudioCodec
+    from model.codecs import load_codecs as load_fitted
 
-    d = Path(cfg.data.codec_dir) if cfg.data.codec_dir else None
-    if d is not None and (d / "config.json").is_file() and (d / "codecs.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        entries = json.loads((d / "config.json").read_text())["codecs"]
-        state = load_file(str(d / "codecs.safetensors"))
-        out = []
-        for kind in ("video", "audio"):
-            sub = {k[len(kind) + 1 :]: v for k, v in state.items() if k.startswith(kind + ".")}
-            out.append(codec_class(entries[kind]["class"]).from_state(entries[kind]["config"], sub))
-        return out[0], out[1]
+    if cfg.data.source == "shards":
+        return load_fitted(cfg.data.codec_dir or cfg.data.path.rstrip("/") + "/codecs")
     video = CellVideoCodec(mcfg.height, mcfg.width, grid=mcfg.video_latent_hw[0])
     audio = EnvelopeAudioCodec(mcfg.sample_rate, mcfg.audio_latents_per_s, mcfg.audio_channels)
     return video, audio
