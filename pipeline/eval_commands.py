@@ -105,18 +105,22 @@ def plot_clips(sets: dict[str, list[ev.EvalClip]], reports: dict[str, dict], pat
 
 def log_to_mlflow(run_id: str, reports: dict[str, dict], files: list[Path]) -> None:
     """Metrics as eval/<set>/<key> and the PNG + JSON as artifacts under eval/."""
+    import time
+
     import mlflow
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow.get_tracking_uri())
-    metrics = {
-        f"eval.{name}.{k}": float(v)
+    ts = int(time.time() * 1000)
+    metrics = [
+        Metric(f"eval.{name}.{k}", float(v), ts, 0)
         for name, r in reports.items()
         for k, v in r.items()
         if isinstance(v, int | float) and not (isinstance(v, float) and math.isnan(v))
-    }
-    for k, v in metrics.items():
-        client.log_metric(run_id, k, v)
+    ]
+    for i in range(0, len(metrics), 1000):  # one request (MLflow caps a batch at 1000)
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
     for f in files:
         client.log_artifact(run_id, str(f), "eval")
 
