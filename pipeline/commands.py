@@ -125,25 +125,30 @@ def promote_cmd(
     name: Annotated[str, typer.Option(help="Registered model name.")] = "omniforcing-student",
     alias: Annotated[str, typer.Option(help="Alias to move to the new version.")] = "champion",
     config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Register a finished student's Bundle in the MLflow registry and set the alias."""
     from pipeline import tracking
     from pipeline.registry import promote
 
     with user_errors():
-        cfg = load_config(config, [])
+        cfg = load_config(config, set_ or [])
         out = promote(run, name, alias, tracking.tracking_uri(cfg), cfg.mlflow.experiment)
     console.print(
         f"[green]promoted[/] run {out['run_id']} → {out['uri']} (version {out['version']})"
     )
 
 
-def runs(config: ConfigOpt = None, limit: Annotated[int, typer.Option(help="Rows.")] = 20) -> None:
+def runs(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    limit: Annotated[int, typer.Option(help="Rows.")] = 20,
+) -> None:
     """List runs: id, stage, last step, status, checkpoint."""
     from pipeline import tracking
 
     with user_errors():
-        cfg = load_config(config, [])
+        cfg = load_config(config, set_ or [])
         client = tracking.client_for(tracking.tracking_uri(cfg))
         exp = client.get_experiment_by_name(cfg.mlflow.experiment)
         found = (

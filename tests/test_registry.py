@@ -73,3 +73,24 @@ def test_load_bundle_errors_name_the_uri(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no Bundle"):
         load_bundle(str(tmp_path / "empty"))
+
+
+def test_runs_and_promote_cli(tmp_path: Path, tiny_bundle_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    sets = ["--set", f"storage.path={tmp_path}", "--set", "mlflow.experiment=cli"]
+    cfg = load_config("configs/tiny.yaml", [s for s in sets if s != "--set"])
+    client = MlflowClient(tracking.tracking_uri(cfg))
+    rid = tracking.start_stage_run(client, cfg, "ode", "ode-cli")
+    tracking.set_tags(client, rid, {tracking.CKPT_STEP_TAG: "7", tracking.CKPT_TAG: "/ckpt/step-7"})
+    runner = CliRunner()
+    res = runner.invoke(app, ["runs", "-c", "configs/tiny.yaml", *sets], env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    assert (
+        rid in res.output and "ode" in res.output and "running" in res.output and "7" in res.output
+    )
+    res = runner.invoke(app, ["promote", "--run", rid, "-c", "configs/tiny.yaml", *sets])
+    assert res.exit_code == 2 and "no finished student checkpoint" in res.output
+    assert "Traceback" not in res.output
