@@ -57,6 +57,8 @@ def guided_velocity(
 def _stack_text(a, b):
     """Concatenate two (emb [B,L,D], mask [B,L]) batches, padding to the longer L."""
     (ea, ma), (eb, mb) = a, b
+    ma = torch.ones(ea.shape[:2], dtype=torch.bool, device=ea.device) if ma is None else ma
+    mb = torch.ones(eb.shape[:2], dtype=torch.bool, device=eb.device) if mb is None else mb
     length = max(ea.shape[1], eb.shape[1])
 
     def pad(e, m):
