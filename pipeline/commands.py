@@ -90,9 +90,8 @@ def train(
 def pipeline(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """All available stages in order under one parent run; finished stages are skipped."""
     from pipeline import tracking
-    from pipeline.config import fingerprint
+    from pipeline.config import validate
     from pipeline.stages import available_stages
-    from pipeline.trainer import run_stage
 
     with user_errors():
         cfg = load_config(config, set_ or [])
@@ -102,22 +101,32 @@ def pipeline(config: ConfigOpt = None, set_: SetOpt = None) -> None:
             exp, tags={"mlflow.runName": "pipeline", tracking.STAGE_TAG: "pipeline"}
         ).info.run_id
         for stage in available_stages():
-            filt = f"tags.`{tracking.STAGE_TAG}` = '{stage}' AND tags.`{tracking.FINGERPRINT_TAG}` = '{fingerprint(cfg)}'"
-            prior = client.search_runs(
-                [exp], filt, order_by=["attributes.start_time DESC"], max_results=1
-            )
-            if prior and prior[0].data.tags.get(tracking.STATUS_TAG) == "finished":
-                console.print(f"skip {stage}: finished in run {prior[0].info.run_id}")
-                continue
-            resume = (
-                prior[0].info.run_id
-                if prior and prior[0].data.tags.get(tracking.CKPT_TAG)
-                else None
-            )
-            with progress_from_mlflow(cfg, stage):
-                result = run_stage(cfg, stage, resume=resume, parent_run=parent)
-            console.print(f"[green]{stage} done[/]: run {result.run_id}, step {result.step}")
+            run_id = _run_or_skip(client, exp, cfg, stage, parent)
+            if stage == "teacher" and cfg.distill.teacher is None:
+                # The distillation stages score with the teacher this pipeline just trained.
+                cfg = validate(
+                    {**cfg.to_dict(), "distill": {**cfg.to_dict()["distill"], "teacher": run_id}}
+                )
         client.set_terminated(parent)
+
+
+def _run_or_skip(client: Any, exp: str, cfg: JobConfig, stage: str, parent: str) -> str:
+    """Run one pipeline stage: skip it if a finished run with this fingerprint exists, resume
+    an unfinished one that has a checkpoint, else start it. Returns the stage's run id."""
+    from pipeline import tracking
+    from pipeline.config import fingerprint
+    from pipeline.trainer import run_stage
+
+    filt = f"tags.`{tracking.STAGE_TAG}` = '{stage}' AND tags.`{tracking.FINGERPRINT_TAG}` = '{fingerprint(cfg)}'"
+    prior = client.search_runs([exp], filt, order_by=["attributes.start_time DESC"], max_results=1)
+    if prior and prior[0].data.tags.get(tracking.STATUS_TAG) == "finished":
+        console.print(f"skip {stage}: finished in run {prior[0].info.run_id}")
+        return prior[0].info.run_id
+    resume = prior[0].info.run_id if prior and prior[0].data.tags.get(tracking.CKPT_TAG) else None
+    with progress_from_mlflow(cfg, stage):
+        result = run_stage(cfg, stage, resume=resume, parent_run=parent)
+    console.print(f"[green]{stage} done[/]: run {result.run_id}, step {result.step}")
+    return result.run_id
 
 
 def promote_cmd(
