@@ -131,7 +131,8 @@ def save_stream(parts: Iterable[Part], out: str | os.PathLike | None) -> StreamS
             if part.type == "start":
                 stats.model = part.header.get("model", {})
             elif part.type == "error":
-                raise ClientError(200, part.header.get("error"))
+                err = part.header.get("error") or {}
+                raise ClientError(int(err.get("status") or 500), err)
             elif part.type == "chunk":
                 h = part.header
                 if stats.chunks == 0:

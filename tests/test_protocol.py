@@ -190,3 +190,19 @@ def test_generate_locally_writes_a_playable_clip(tiny_bundle_dir, tmp_path) -> N
     assert stats.chunks == 2 and stats.frames == 25 and stats.rtf > 0 and stats.ttfc_s > 0
     info = probe(out)
     assert info["frames"] == 25 and info["width"] == 32 and info["sample_rate"] == 16000
+
+
+def test_generate_command_prints_figures_and_writes_mp4(tiny_bundle_dir, tmp_path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from deploy.cli import register
+
+    app = typer.Typer()
+    register(app)
+    out = tmp_path / "cli.mp4"
+    args = ["generate", "--model", str(tiny_bundle_dir), "--prompt", "a red ball"]
+    result = CliRunner().invoke(app, [*args, "--seconds", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "time to first chunk" in result.output and "real-time factor" in result.output
+    assert probe(out)["frames"] == 25

@@ -82,6 +82,25 @@ def test_stream_end_to_end_writes_requested_clip(server: str, tmp_path) -> None:
     assert abs(info["audio_s"] - (640 + 32000) / 16000) < 1024 / 16000  # AAC frame padding
 
 
+def test_stream_command_writes_clip(server: str, tmp_path, monkeypatch) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from deploy.cli import register
+
+    app = typer.Typer()
+    register(app)
+    out = tmp_path / "cli.mp4"
+    args = ["stream", "--url", server, "--prompt", "a ball", "--seconds", "1", "--out", str(out)]
+    monkeypatch.setenv("OMNIFORCING_API_KEY", KEY)
+    result = CliRunner().invoke(app, [*args, "--websocket"])
+    assert result.exit_code == 0, result.output
+    assert "time to first chunk" in result.output and probe(out)["frames"] == 25
+    monkeypatch.setenv("OMNIFORCING_API_KEY", "wrong")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "401" in result.output
+
+
 def test_websocket_stream_matches_in_process_generation(server: str, tiny_bundle_dir) -> None:
     remote = list(stream_ws(server, "a green ball", 1, seed=5, api_key=KEY))
     local = list(generate_local(str(tiny_bundle_dir), "a green ball", 1, seed=5))
