@@ -63,7 +63,7 @@ class OdeStage:
     def setup(self, ctx: WorkerContext) -> None:
         cfg = ctx.cfg
         self.teacher = roles.load_teacher(cfg.distill.teacher)
-        self.teacher.to(ctx.device)
+        self.teacher.to(ctx.device, ctx.dtype)
         net = roles.build_role("student", cfg.distill.student, self.teacher.model, cfg)
         self.engine = make_engine(net.to(ctx.device), cfg)
         ema = cfg.train.ema
@@ -116,7 +116,7 @@ class OdeStage:
         xv, xa, sv, sa = block_points(tv, ta, sig, g)
         with torch.no_grad():
             emb, mask = self.teacher.text_encoder([str(c) for c in batch["caption"]])
-        vel_v, vel_a = net(xv, xa, sv.to(ctx.dtype), sa.to(ctx.dtype), emb, mask)
+        vel_v, vel_a = net(xv, xa, sv.to(ctx.dtype), sa.to(ctx.dtype), emb.to(ctx.dtype), mask)
         x0v = flow.x0_from_velocity(xv, vel_v, sv)
         x0a = flow.x0_from_velocity(xa, vel_a, sa)
         return dmd.ode_loss(x0v, tv[:, -1], sv), dmd.ode_loss(x0a, ta[:, -1], sa)

@@ -42,7 +42,7 @@ class PrefixPinned:
 
     def forward_block(self, xv, xa, sv, sa, block, cache, commit=False):
         if block == 0 and not commit:
-            s = sv[:, :1]  # [B, 1]; σ > 0 on every denoising step
+            s = sv[:, :1].to(xv.dtype)  # [B, 1]; σ > 0 on every denoising step
             return (xv - self.v0) / s[..., None, None, None], (xa - self.a0) / s[..., None]
         return self.model.forward_block(xv, xa, sv, sa, block, cache, commit)
 
@@ -106,7 +106,7 @@ class SelfForcingStage:
     def build(self, ctx: WorkerContext, make: Callable[..., Any]) -> None:
         """Networks from the `distill` role entries; `make(net, lr)` wraps one in an engine."""
         cfg, d = ctx.cfg, ctx.cfg.distill
-        self.teacher = roles.load_teacher(d.teacher).to(ctx.device)
+        self.teacher = roles.load_teacher(d.teacher).to(ctx.device, ctx.dtype)
         self.sigmas = [float(s) for s in d.student_sigmas]
         self.real = roles.build_role("teacher", None, self.teacher.model, cfg)
         self.engine = make(roles.build_role("student", d.student, self.teacher.model, cfg))
@@ -127,8 +127,10 @@ class SelfForcingStage:
     def inputs(self, batch: Batch, ctx: WorkerContext) -> dict[str, Any]:
         video, audio, captions, _ = roles.batch_latents(batch, ctx.device, ctx.dtype)
         with torch.no_grad():
-            text = self.teacher.text_encoder(captions)
-            null = self.teacher.text_encoder([""])
+            emb, mask = self.teacher.text_encoder(captions)  # the frozen teacher's encoder
+            text = (emb.to(ctx.dtype), mask)
+            emb0, mask0 = self.teacher.text_encoder([""])
+            null = (emb0.to(ctx.dtype), mask0)
         fv, fa = video.shape[1], audio.shape[1]
         seconds = (fv - 1) // self.engine.module.cfg.video_block_latents
         prefix = (video[:, :1], audio[:, :1]) if ctx.cfg.distill.prefix != "generated" else None
