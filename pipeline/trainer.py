@@ -152,8 +152,8 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         metrics["samples_per_s"] = per_step / max(time.perf_counter() - t0, 1e-9)
         if logger and (step % t.log_every == 0 or step == t.steps):
             logger.log(step, metrics)
-        if logger and t.plot_every and step % t.plot_every == 0:
-            _plot(logger, stage)
+        if t.plot_every and step % t.plot_every == 0:
+            _artifacts(stage, ctx, step, logger)
         if step % t.checkpoint_every == 0 or step == t.steps:
             _checkpoint(stage, ctx, step, stream.position(), metrics, loop_cfg, logger)
     if logger:
@@ -178,6 +178,20 @@ def _checkpoint(stage, ctx, step, pos, metrics, loop_cfg, logger) -> None:
         tracking.set_tags(
             logger.client, logger.run_id, {tracking.CKPT_TAG: uri, tracking.CKPT_STEP_TAG: step}
         )
+
+
+def _artifacts(stage: Any, ctx: WorkerContext, step: int, logger: Any) -> None:
+    """Loss curve (rank 0) and the stage's optional `artifacts(step, out_dir, ctx)` hook, e.g. a
+    sample clip or contact sheet; the hook runs on every rank (sampling may be collective under
+    ZeRO-3) and only rank 0 gets a folder, logged under `samples/step-<n>`."""
+    hook = getattr(stage, "artifacts", None)
+    with tempfile.TemporaryDirectory() as d:
+        if hook is not None:
+            hook(step, Path(d) if logger else None, ctx)
+        if logger and any(Path(d).iterdir()):
+            logger.client.log_artifacts(logger.run_id, d, f"samples/step-{step:08d}")
+    if logger:
+        _plot(logger, stage)
 
 
 def _plot(logger: tracking.MetricLogger, stage: Any) -> None:

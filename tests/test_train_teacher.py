@@ -84,6 +84,8 @@ def test_teacher_zero2_two_workers_s3_and_mlflow(
         a.path for d in ("config", "plots", "bundle") for a in client.list_artifacts(res.run_id, d)
     }
     assert {"config/resolved.json", "plots/loss_curve.png", "bundle/model.safetensors"} <= arts
+    sheets = {a.path for a in client.list_artifacts(res.run_id, "samples/step-00000004")}
+    assert sheets == {"samples/step-00000004/contact_sheet.png"}
 
     # The checkpoint landed in S3: engine shards from both ranks, meta last; only 2 kept.
     bucket = s3_bucket.removeprefix("s3://")

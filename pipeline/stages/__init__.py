@@ -62,7 +62,12 @@ class Stage(Protocol):
     def train_step(
         self, step: int, next_batch: Callable[[], Batch], ctx: WorkerContext
     ) -> dict[str, float]:
-        """One optimizer step (pulls as many micro-batches as it needs); returns metrics."""
+        """One optimizer step (pulls as many micro-batches as it needs); returns metrics, which
+        must include "loss" (the key MLflow resume de-duplication probes). Draw randomness only
+        from `ctx.generator(step, micro, purpose)` so a resumed step repeats exactly."""
+
+    # Optional: `plot_keys: list[str]` (loss-curve series) and
+    # `artifacts(step, out_dir | None, ctx)` (sample clip / contact sheet every train.plot_every).
 
     def export(self, out_dir: Path | None, ctx: WorkerContext) -> None:
         """Consolidated weights: collective gather; rank 0 gets `out_dir` and writes a Bundle."""
