@@ -115,6 +115,8 @@ def test_page_plays_the_stream_and_reports_first_frame(
     assert omni["error"] is None and omni["chunks"] == 3 and omni["framesReceived"] == 49
     assert omni["framesDrawn"] > 0 and omni["firstFrameMs"] > 0 and omni["genFps"] > 0
     assert omni["audioChunks"] == 3  # every chunk's PCM was scheduled on the WebAudio clock
+    assert omni["maxSkewMs"] < 5  # sound scheduled where its frames are (same clock)
+    assert omni["maxLateMs"] < 500  # frames drawn close to their slot (rAF ~16 ms + load)
     assert browser.eval("document.getElementById('ttff').textContent").endswith(" ms")
     assert "done: 3 chunks" in browser.eval("document.getElementById('status').textContent")
 
