@@ -36,6 +36,25 @@ def test_student_is_teacher_plus_fresh_sinks(tiny_teacher_dir: Path) -> None:
         roles.load_teacher(None)
 
 
+def test_student_from_a_student_bundle_and_run_id_refs(tiny_teacher_dir: Path, tmp_path) -> None:
+    from model.testing import tiny_bundle
+
+    ode_student = tiny_bundle(seed=3, causal=True)
+    ode_student.save_pretrained(tmp_path / "ode-student")
+    cfg = distill_config(
+        tiny_teacher_dir, distill={"student": {"init_from": str(tmp_path / "ode-student")}}
+    )
+    teacher = roles.load_teacher(str(tiny_teacher_dir))
+    student = roles.build_role("student", cfg.distill.student, teacher.model, cfg)
+    for k, v in ode_student.model.state_dict().items():  # sinks included: nothing fresh
+        assert torch.equal(student.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="must be bidirectional"):
+        roles.load_teacher(str(tmp_path / "ode-student"))
+    rid = "0123456789abcdef0123456789abcdef"
+    assert roles.bundle_uri(rid) == f"runs:/{rid}/bundle"
+    assert roles.bundle_uri("models:/s@champion") == "models:/s@champion"
+
+
 def test_block_points_share_state_and_sigma_within_a_block() -> None:
     b, k1, fv, fa = 3, 4, 7, 51  # 2 seconds: blocks of 1+3+3 video, 1+25+25 audio
     sig = torch.tensor([1.0, 0.75, 0.5, 0.0])

@@ -1,14 +1,16 @@
 """Roles are data: the teacher, student and critic networks built by one factory from config.
 
 `load_teacher(ref)` opens the teacher Bundle (a local dir, or a `models:/` URI / run id through
-`pipeline.registry.load_bundle`). `build_role(kind, entry, teacher)` makes one network from a
-`distill.<role>` entry {init_from, trainable}: the student is causal with fresh audio sinks (the
-sink parameter is the only key the teacher lacks), the critic is bidirectional, the teacher is
-frozen. It holds no engines (pipeline.parallelize) and no losses (pipeline.distill.dmd).
+`pipeline.registry.load_bundle`; a bare run id means its `bundle` artifact). `build_role(kind,
+entry, teacher)` makes one network from a `distill.<role>` entry {init_from, trainable}:
+init_from is `teacher`, `random` or a Bundle reference (e.g. the `ode` stage's student for
+`self-forcing`). The student is causal with audio sinks (fresh when copied from the teacher: the
+sink parameter is the only key it lacks), the critic is bidirectional, the teacher is frozen. It holds no engines (pipeline.parallelize) and no losses (pipeline.distill.dmd).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,21 +23,32 @@ RoleKind = Literal["teacher", "student", "critic"]
 SINK_KEY = "audio_sinks"
 
 
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def bundle_uri(ref: str) -> str:
+    """A loadable reference: a bare MLflow run id means that run's exported `bundle` artifact."""
+    return f"runs:/{ref}/bundle" if RUN_ID.fullmatch(ref) and not Path(ref).exists() else ref
+
+
+def load_bundle_ref(ref: str, what: str, dst: str | None = None) -> Bundle:
+    """A Bundle from a local dir, or a `models:/` / `runs:/` URI or run id via the registry."""
+    if Path(ref).is_dir() and (Path(ref) / "config.json").is_file():
+        return Bundle.from_pretrained(ref)
+    try:
+        from pipeline.registry import load_bundle
+    except ImportError:
+        raise ValueError(
+            f"{what}={ref!r}: not a local Bundle dir and pipeline.registry is not available"
+        ) from None
+    return load_bundle(bundle_uri(ref), dst=dst)
+
+
 def load_teacher(ref: str | None) -> Bundle:
-    """The teacher Bundle from `distill.teacher` (dir, or models:/ URI / run id via the registry)."""
+    """The teacher Bundle from `distill.teacher` (dir, models:/ or runs:/ URI, or run id)."""
     if not ref:
         raise ValueError("distill.teacher is not set: give a teacher Bundle dir or models:/ URI")
-    if Path(ref).is_dir():
-        bundle = Bundle.from_pretrained(ref)
-    else:
-        try:
-            from pipeline.registry import load_bundle
-        except ImportError:
-            raise ValueError(
-                f"distill.teacher={ref!r}: not a local Bundle dir and pipeline.registry is "
-                "not available to resolve it"
-            ) from None
-        bundle = load_bundle(ref)
+    bundle = load_bundle_ref(ref, "distill.teacher")
     if bundle.model.cfg.causal:
         raise ValueError(f"distill.teacher={ref!r}: the teacher must be bidirectional (causal)")
     return bundle
@@ -57,14 +70,17 @@ def build_role(
         return _freeze(teacher)
     assert entry is not None
     net = AVDiT(role_config(kind, teacher.cfg, cfg))
+    where = f"distill.{kind}.init_from"
     if entry.init_from == "teacher":
-        load_from_teacher(net, teacher.state_dict(), f"distill.{kind}")
+        load_from_teacher(net, teacher.state_dict(), where)
+    elif entry.init_from != "random":  # e.g. the ODE stage's exported student
+        load_from_teacher(net, load_bundle_ref(entry.init_from, where).model.state_dict(), where)
     net.train()
     return net if entry.trainable else _freeze(net)
 
 
 def load_from_teacher(net: AVDiT, state: dict[str, torch.Tensor], where: str) -> None:
-    """Copy teacher weights; the audio sink tokens (causal nets) are the only allowed gap."""
+    """Copy weights (teacher's, or a student's); only the audio sink tokens may be missing."""
     allowed = {SINK_KEY} if net.cfg.sinks else set()
     missing, unexpected = net.load_state_dict(state, strict=False)
     bad = sorted(set(missing) - allowed)

@@ -172,9 +172,18 @@ def score_dataset(ds: Any, cfg: Any) -> Any:
 
 
 # ---- trajectory shards --------------------------------------------------------------------------
-def teacher_fingerprint(bundle_dir: str | os.PathLike) -> str:
-    """sha256 of the teacher's model.safetensors (its manifest's entry when present)."""
-    d = Path(bundle_dir)
+def teacher_fingerprint(ref: str | os.PathLike) -> str:
+    """sha256 of the teacher's model.safetensors (its manifest's entry); URIs are downloaded."""
+    d = Path(ref)
+    if not (d / "model.safetensors").is_file():
+        from pipeline.distill.roles import load_bundle_ref
+
+        tmp = tempfile.mkdtemp(prefix="omni-teacher-")
+        load_bundle_ref(str(ref), "distill.teacher", dst=tmp)
+        found = sorted(Path(tmp).rglob("model.safetensors"))
+        if not found:
+            raise ValueError(f"distill.teacher={str(ref)!r}: no model.safetensors in its bundle")
+        d = found[0].parent
     manifest = d / "manifest.json"
     if manifest.is_file():
         digest = json.loads(manifest.read_text()).get("model.safetensors")
