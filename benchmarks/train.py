@@ -1,0 +1,157 @@
+"""Training-platform benchmark on the tiny preset (CPU, local Ray, real DeepSpeed over gloo).
+
+Prints two ratios measured in one run:
+  1. throughput: samples/s with 2 workers vs 1 worker (ZeRO-2), median over the timed steps of
+     the real `pipeline.trainer.run_stage` path (metrics read back from MLflow);
+  2. memory per rank: ZeRO-3 vs ZeRO-2 bytes of this rank's parameter pieces + optimizer state
+     (exp_avg, exp_avg_sq and fp32 master partitions), 2 workers, plus peak RSS per rank.
+It does not tune anything; on a shared 2-core box throughput ratios are noisy (run it idle).
+
+    python benchmarks/train.py [--steps 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+from typing import Any
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _tensor_bytes(obj: Any) -> int:
+    import torch
+
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def memory_loop(loop_cfg: dict[str, Any]) -> None:
+    """Ray Train worker: build the teacher engine, take 2 steps, report per-rank bytes."""
+    import resource
+
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.config import validate
+    from pipeline.parallelize import _local
+    from pipeline.stages.teacher import TeacherStage
+    from pipeline.trainer import BatchStream, _context
+
+    cfg = validate(loop_cfg["config"])
+    ctx = _context(cfg)
+    torch.manual_seed(0)
+    stage = TeacherStage()
+    stage.setup(ctx)
+    stream = BatchStream(ray.train.get_dataset_shard("train"), cfg.data.batch_size)
+    for step in (1, 2):
+        stage.train_step(step, stream.next, ctx)
+    engine = stage.engine
+    params = sum(_local(p).numel() * _local(p).element_size() for p in engine.module.parameters())
+    inner = (
+        engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+    )
+    opt = _tensor_bytes(list(inner.state.values()))
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        opt += _tensor_bytes(getattr(engine.optimizer, name, []))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    mine = torch.tensor([params, opt, rss], dtype=torch.float64)
+    every = [torch.zeros_like(mine) for _ in range(ctx.world)]
+    dist.all_gather(every, mine)
+    if ctx.rank == 0:  # Ray Train V2 keeps metrics only with checkpoints: hand back via a file
+        with open(loop_cfg["out"], "w") as f:
+            json.dump([t.tolist() for t in every], f)
+    ray.train.report({})
+
+
+def measure_memory(cfg: Any) -> list[list[float]]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.trainer import build_dataset
+
+    out = os.path.join(tempfile.mkdtemp(prefix="omni-bench-mem-"), "per_rank.json")
+    trainer = TorchTrainer(
+        memory_loop,
+        train_loop_config={"config": cfg.to_dict(), "out": out},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(
+            storage_path=tempfile.mkdtemp(prefix="omni-bench-"),
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}},
+        ),
+        datasets={"train": build_dataset(cfg)},
+    )
+    trainer.fit()
+    with open(out) as f:
+        return json.load(f)
+
+
+def measure_throughput(cfg: Any) -> float:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.trainer import run_stage
+
+    res = run_stage(cfg, "teacher")
+    hist = sorted(
+        MlflowClient(res.tracking_uri).get_metric_history(res.run_id, "samples_per_s"),
+        key=lambda m: m.step,
+    )
+    timed = [m.value for m in hist[2:]] or [m.value for m in hist]  # skip warm-up steps
+    return statistics.median(timed)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=12)
+    args = ap.parse_args()
+
+    import ray
+
+    from pipeline.config import load_config
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    root = tempfile.mkdtemp(prefix="omni-bench-")
+    common = [
+        f"train.steps={args.steps}",
+        f"train.checkpoint_every={args.steps}",
+        "train.reliance_every=0",
+        "train.plot_every=0",
+        f"storage.path={root}",
+        "mlflow.experiment=bench",
+        "data.random_clips=64",
+    ]
+    sps = {}
+    for workers in (1, 2):
+        cfg = load_config("configs/tiny.yaml", [*common, f"scaling.num_workers={workers}"])
+        sps[workers] = measure_throughput(cfg)
+        print(f"samples/s with {workers} worker(s): {sps[workers]:.1f}", flush=True)
+    mem = {}
+    for stage in (2, 3):
+        cfg = load_config("configs/tiny.yaml", [*common, f"train.zero_stage={stage}"])
+        mem[stage] = measure_memory(cfg)
+    print(
+        f"samples/s  1 worker: {sps[1]:.1f}   2 workers: {sps[2]:.1f}   ratio 2/1: {sps[2] / sps[1]:.2f}"
+    )
+    for stage in (2, 3):
+        for rank, (p, o, rss) in enumerate(mem[stage]):
+            print(
+                f"ZeRO-{stage} rank {rank}: params {p / 1e3:.1f} kB, optimizer {o / 1e3:.1f} kB, peak RSS {rss / 1e6:.0f} MB"
+            )
+    z2 = sum(p + o for p, o, _ in mem[2]) / 2
+    z3 = sum(p + o for p, o, _ in mem[3]) / 2
+    print(f"param+optimizer bytes per rank  ZeRO-3/ZeRO-2: {z3 / z2:.2f}")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
