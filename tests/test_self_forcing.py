@@ -145,3 +145,14 @@ def test_self_forcing_through_real_trainer(
     promote(result.run_id, name="sf-student", alias="candidate", tracking_uri=mlflow_uri)
     bundle = load_bundle("models:/sf-student@candidate")
     assert bundle.config.causal and bundle.config.sinks > 0
+
+
+def test_artifacts_hook_writes_a_student_sheet(
+    tiny_teacher_dir: Path, distill_ctx, tmp_path: Path
+) -> None:
+    cfg = distill_config(tiny_teacher_dir)
+    ctx = distill_ctx(cfg)
+    stage = _stage(cfg, ctx)
+    stage.artifacts(3, None, ctx)  # non-zero ranks: forwards only, nothing written
+    stage.artifacts(3, tmp_path, ctx)
+    assert (tmp_path / "student_sheet.png").stat().st_size > 0

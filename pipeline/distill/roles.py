@@ -143,3 +143,23 @@ def export_student(
     net = AVDiT(module.cfg)
     load_state_strict(net, full, f"{stage} export")
     student_bundle(net, teacher).save_pretrained(out_dir, extra={"stage": stage})
+
+
+@torch.no_grad()
+def student_sheet(
+    module: AVDiT, teacher: Bundle, sigmas: list[float], seconds: int, g: torch.Generator, out_dir
+) -> None:
+    """Stream one clip from the student (every rank: forwards may be collective under ZeRO-3);
+    rank 0 (`out_dir` set) decodes it with the teacher's codec into `student_sheet.png`."""
+    from model import rollout_blocks
+
+    p = next(module.parameters())
+    emb, mask = teacher.text_encoder(["a red ball"])
+    cache = module.new_cache(emb.to(p.dtype), mask, seconds)
+    video = [xv for _, xv, _ in rollout_blocks(module, cache, seconds, sigmas, g)]  # [1,n,h,w,C]
+    if out_dir is None:
+        return
+    from pipeline.plots import contact_sheet
+
+    frames = teacher.video_codec.decode(torch.cat(video, 1)[0].float().cpu())  # [F, H, W, 3]
+    contact_sheet(frames[:: max(1, frames.shape[0] // 16)].numpy(), out_dir / "student_sheet.png")

@@ -141,6 +141,18 @@ class OdeStage:
         out["lr"] = float(self.engine.get_lr()[0])
         return out
 
+    def artifacts(self, step: int, out_dir: Path | None, ctx: WorkerContext) -> None:
+        """A contact sheet of one streamed student clip (the trainer's periodic hook)."""
+        g = ctx.generator(step, 0, purpose=3)
+        roles.student_sheet(
+            self.engine.module,
+            self.teacher,
+            list(ctx.cfg.distill.student_sigmas),
+            ctx.cfg.data.seconds,
+            g,
+            out_dir,
+        )
+
     def export(self, out_dir: Path | None, ctx: WorkerContext) -> None:
         """The causal student (EMA weights if enabled) as a Bundle `promote` can register."""
         ema = self._emas.get("student")
