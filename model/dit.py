@@ -60,7 +60,7 @@ class _StreamIO(nn.Module):
 
     def embed(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """sigma [B, F] → (feats [B,F,256], mod [B,F,6,D], cross [B,F,5,D])."""
-        f = timestep_features(sigma)
+        f = timestep_features(sigma).to(self.patchify.weight.dtype)  # bf16 models on GPU
         b, n = sigma.shape
         return f, self.time(f).view(b, n, 6, -1), self.cross_time(f).view(b, n, 5, -1)
 

@@ -10,7 +10,9 @@ import torch
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny models gain nothing from intra-op threads, and threads spin badly when Ray workers,
+# servers and the test process share two cores.
+torch.set_num_threads(1)
 
 pytest_plugins = sorted(
     f"tests.fixtures.{p.stem}"
