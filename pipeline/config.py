@@ -67,6 +67,9 @@ class DataSection(_Strict):
     clips: int | None = Field(default=None, ge=1)  # use at most this many clips (None: all)
     seconds: int = Field(default=1, ge=1)  # random source: clip length in one-second blocks
     random_clips: int = Field(default=64, ge=1)  # random source: dataset size
+    # Decode + encode the shards once and keep the latents in Ray's object store, so epochs
+    # after the first cost no mp4 decoding (small data sets: the demo's 2k clips are ~70 MB).
+    cache_latents: bool = False
 
 
 class OptimizerSection(_Strict):
@@ -122,13 +125,42 @@ class MlflowSection(_Strict):
 
 
 class DistillSection(_Strict):
-    """Typed home of the distillation stages (`ode`, `self-forcing`); extended by that stage."""
+    """Typed home of the distillation stages (`ode`, `self-forcing`); extended by that stage.
+
+    Defaults are the paper-era (V1) values wherever the paper's code generations differ.
+    """
+
+    class Role(_Strict):
+        """One network of the distillation: where its weights come from, whether it trains."""
+
+        init_from: str = "teacher"  # teacher | random | Bundle dir / models:/ / runs:/ / run id
+        trainable: bool = True
 
     teacher: str | None = None  # Bundle dir, models:/ URI or MLflow run id of the teacher
-    student_sigmas: list[float] = [1.0, 0.75, 0.545]  # few-step σ list of the student
+    student: Role = Role()  # causal, fresh audio sinks on top of the teacher's weights
+    critic: Role = Role()  # bidirectional fake-score network (self-forcing only)
+    student_sigmas: list[float] = [1.0, 0.7507, 0.5448]  # few-step σ list of the student (V1)
     critic_updates_per_generator: int = Field(default=5, ge=1)  # TTUR 5:1
-    cfg_video: float = Field(default=3.0, ge=0.0)  # teacher CFG scale, video
-    cfg_audio: float = Field(default=3.0, ge=0.0)  # teacher CFG scale, audio
+    critic_lr: float | None = Field(default=None, gt=0.0)  # None: train.lr
+    cfg_video: float = Field(default=5.0, ge=0.0)  # DMD real-score CFG, video (V1 stage 3)
+    cfg_audio: float = Field(default=9.0, ge=0.0)  # DMD real-score CFG, audio (V1 stage 3)
+    ode_cfg_video: float = Field(default=3.0, ge=0.0)  # trajectory CFG, video (V1 stage 1 / V2)
+    ode_cfg_audio: float = Field(default=5.0, ge=0.0)  # trajectory CFG, audio
+    teacher_steps: int = Field(default=40, ge=1)  # Euler steps of the teacher's trajectories
+    teacher_mode: Literal["local", "actors"] = "local"  # actors: Ray actor pool scores batches
+    actors: int = Field(default=1, ge=1)  # teacher-scoring actor pool size
+    actor_cpus: float = Field(default=0.5, gt=0.0)  # logical CPUs per scoring actor
+    actor_batch_size: int = Field(default=2, ge=1)  # rows per map_batches call
+    trajectory_cache: str | None = None  # folder of trajectory shards (None: stream, no cache)
+    ode_weight_video: float = Field(default=1.0, ge=0.0)  # ODE regression loss weights (V1)
+    ode_weight_audio: float = Field(default=0.16, ge=0.0)
+    dmd_weight_video: float = Field(default=1.0, ge=0.0)  # DMD generator loss weights
+    dmd_weight_audio: float = Field(default=1.0, ge=0.0)
+    min_timestep: int = Field(default=20, ge=1, le=1000)  # DMD t ~ U{min..max} → σ
+    max_timestep: int = Field(default=980, ge=1, le=1000)
+    loss_scope: Literal["every_block", "last_block"] = "last_block"  # V1: last block only
+    prefix: Literal["generated", "clean_from_teacher"] = "clean_from_teacher"  # block 0 source
+    grad_norm_every: int = Field(default=1, ge=0)  # per-modality grad norms; 0 disables
 
 
 class JobConfig(_Strict):

@@ -246,6 +246,9 @@ def build_dataset(cfg: JobConfig) -> Any:
         ds = latent_dataset(
             cfg.data.path, cfg.data.codec_dir or cfg.data.path.rstrip("/") + "/codecs"
         )
+        if cfg.data.clips:
+            ds = ds.limit(cfg.data.clips)
+        return ds.materialize() if cfg.data.cache_latents else ds
     else:
         ds = ray.data.from_items(random_rows(cfg))
     return ds.limit(cfg.data.clips) if cfg.data.clips else ds

@@ -210,14 +210,19 @@ class TeacherStage:
 
 
 def load_codecs(cfg: Any, mcfg: Any) -> tuple[Any, Any]:
-    """The fitted codecs the shards were encoded with (`data.codec_dir`, local folder written by
-    `model.codecs.save_codecs`), else unfitted default codecs of the preset's geometry (random
-    latents). Travelling with the Bundle, they let serving decode what the network generates."""
+    """The fitted codecs of `data.codec_dir` (what `omniforcing data fit-codec` wrote), else
+    unfitted default codecs of the preset's geometry (random-latent runs only)."""
     from model.codecs import CellVideoCodec, EnvelopeAudioCodec
-    from model.codecs import load_codecs as load_fitted
+    from model.codecs import load_codecs as read_codecs
 
+    d = Path(cfg.data.codec_dir) if cfg.data.codec_dir else None
+    if d is not None and (d / "codec.json").is_file():
+        return read_codecs(d)
     if cfg.data.source == "shards":
-        return load_fitted(cfg.data.codec_dir or cfg.data.path.rstrip("/") + "/codecs")
+        raise ValueError(
+            f"data.codec_dir: no fitted codecs at {d} (run `omniforcing data fit-codec`); "
+            "a teacher trained on shards must ship the codecs its latents came from"
+        )
     video = CellVideoCodec(mcfg.height, mcfg.width, grid=mcfg.video_latent_hw[0])
     audio = EnvelopeAudioCodec(mcfg.sample_rate, mcfg.audio_latents_per_s, mcfg.audio_channels)
     return video, audio
