@@ -156,7 +156,11 @@ class Engine:
     """Per-replica stream admission, generation threads and session accounting."""
 
     def __init__(
-        self, loaded: LoadedModel, max_streams: int, start_timeout_s: float = 30.0
+        self,
+        loaded: LoadedModel,
+        max_streams: int,
+        start_timeout_s: float = 30.0,
+        max_ahead: int = 4,
     ) -> None:
         self.model = loaded
         self.max_streams = max_streams
@@ -167,6 +171,7 @@ class Engine:
         # start_timeout_s, so it cannot leak.
         self._active: dict[str, float | None] = {}
         self.start_timeout_s = start_timeout_s
+        self.max_ahead = max_ahead  # chunks generated but not yet taken by the client
         self._live: weakref.WeakSet = weakref.WeakSet()  # generator iterators (own KV caches)
 
     def stats(self) -> dict[str, int]:
@@ -213,10 +218,13 @@ class Engine:
         try:
             head = {"type": "start", "stream_id": sid, "model": loaded.info.to_json()}
             yield encode_part({**head, **asdict(req)})
-            loop.run_in_executor(self._pool, self._work, sid, loaded, req, put, stop, started)
+            credits = threading.Semaphore(self.max_ahead)
+            work = (sid, loaded, req, put, stop, credits, started)
+            loop.run_in_executor(self._pool, self._work, *work)
             async for kind, item in _drain(queue, cancel):
                 if kind == "chunk":
                     yield item
+                    credits.release()
                 elif kind == "error":
                     yield encode_part({"type": "error", "error": {"field": None, "message": item}})
                     return
@@ -228,14 +236,19 @@ class Engine:
         finally:
             stop.set()  # the worker sees this at the next block boundary and frees the cache
 
-    def _work(self, sid, loaded, req, put, stop, started) -> None:
+    def _work(self, sid, loaded, req, put, stop, credits, started) -> None:
         it = None
         try:
             it = loaded.new_generator().stream(req.prompt, req.seconds, req.seed)
             self._live.add(it)
             n = 0
-            for chunk in it:
-                if stop.is_set():
+            while True:
+                # Backpressure: at most `max_ahead` encoded chunks wait for a slow client.
+                while not credits.acquire(timeout=0.05):
+                    if stop.is_set():
+                        return
+                chunk = next(it, None)
+                if chunk is None or stop.is_set():
                     break
                 put(("chunk", encode_chunk(chunk, time.perf_counter() - started)))
                 n += 1

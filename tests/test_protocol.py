@@ -206,3 +206,31 @@ def test_generate_command_prints_figures_and_writes_mp4(tiny_bundle_dir, tmp_pat
     assert result.exit_code == 0, result.output
     assert "time to first chunk" in result.output and "real-time factor" in result.output
     assert probe(out)["frames"] == 25
+
+
+def test_slow_client_bounds_chunks_generated_ahead() -> None:
+    from deploy.engine import LoadedModel, ModelInfo, SyntheticGenerator
+
+    produced: list[int] = []
+
+    class Counting(SyntheticGenerator):
+        def stream(self, prompt, seconds, seed):
+            for chunk in super().stream(prompt, seconds, seed):
+                produced.append(chunk.index)
+                yield chunk
+
+    loaded = LoadedModel(ModelInfo("t", "t", "0", None, None), lambda: Counting(delay=0.0))
+    engine = Engine(loaded, max_streams=1, max_ahead=2)
+
+    async def slow() -> list:
+        sid, parts = engine.admit(), []
+        async for raw in engine.stream(sid, GenerateRequest("a", 20)):
+            parts.append(decode_part(raw))
+            if len(parts) == 2:
+                await asyncio.sleep(0.5)  # the client stalls after its first chunk
+                assert len(produced) <= 1 + 2 + 1  # taken + max_ahead + the one being made
+        return parts
+
+    parts = asyncio.run(slow())
+    assert [p.type for p in parts].count("chunk") == 21 and produced == list(range(21))
+    engine.shutdown()
