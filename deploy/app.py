@@ -206,10 +206,11 @@ def build_app(
     settings: Settings,
     replicas: int = 1,
     replica_cpus: float = 1.0,
+    replica_gpus: float = 0.0,
     revision: Any = 0,
 ) -> Any:
     """The bound Serve application (pass it to `serve.run`)."""
-    actor: dict[str, Any] = {"num_cpus": replica_cpus}
+    actor: dict[str, Any] = {"num_cpus": replica_cpus, "num_gpus": replica_gpus}
     env = {k: v for k, v in os.environ.items() if k in _PASS_ENV or k.startswith("AWS_")}
     if env:
         actor["runtime_env"] = {"env_vars": env}

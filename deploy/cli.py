@@ -29,6 +29,8 @@ def start_serve(
     revision: Any = 0,
     api_key: str | None = None,
     num_cpus: int | None = None,
+    replica_gpus: float = 0.0,
+    device: str | None = None,
 ) -> Any:
     """Start (or update) the Serve app; local Ray unless `address`. Returns the app handle."""
     import ray
@@ -46,10 +48,9 @@ def start_serve(
         max_streams=max(1, math.ceil(max_streams / replicas)),
         max_seconds=max_seconds,
         api_key=api_key,
+        device=device,
     )
-    app = build_app(
-        model, settings, replicas=replicas, replica_cpus=replica_cpus, revision=revision
-    )
+    app = build_app(model, settings, replicas, replica_cpus, replica_gpus, revision)
     return serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
 
 
@@ -62,6 +63,8 @@ def serve_cmd(
     max_seconds: int = typer.Option(60, min=1, help="Longest clip a request may ask for."),
     address: str | None = typer.Option(None, help="Ray cluster address (default: local Ray)."),
     replica_cpus: float = typer.Option(1.0, help="CPUs reserved per replica."),
+    replica_gpus: float = typer.Option(0.0, help="GPUs per replica (1 on a GPU cluster)."),
+    device: str | None = typer.Option(None, help="torch device (default: cuda if present)."),
     reload: bool = typer.Option(
         False, help="Redeploy into the running app (re-resolves the alias) and exit."
     ),
@@ -71,7 +74,17 @@ def serve_cmd(
         address = address or "auto"
     revision = time.time_ns() if reload else 0
     start_serve(
-        model, host, port, replicas, max_streams, max_seconds, address, replica_cpus, revision
+        model,
+        host,
+        port,
+        replicas,
+        max_streams,
+        max_seconds,
+        address,
+        replica_cpus,
+        revision,
+        replica_gpus=replica_gpus,
+        device=device,
     )
     url = f"http://{host}:{port}"
     if reload:
@@ -135,7 +148,7 @@ def generate_cmd(
     seconds: int = typer.Option(5, min=1),
     seed: int = typer.Option(0, min=0),
     out: str | None = typer.Option(None, help="Write the clip here (mp4, H.264 + AAC)."),
-    device: str | None = typer.Option(None, help="torch device (default: the model's choice)."),
+    device: str | None = typer.Option(None, help="torch device (default: cuda if present)."),
 ) -> None:
     """Generate a clip in this process (no server) and save it."""
     from deploy.client import generate_local, save_stream

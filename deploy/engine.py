@@ -94,7 +94,17 @@ def load_model(uri: str, device: str | None = None) -> LoadedModel:
         return LoadedModel(info, lambda: SyntheticGenerator(delay=delay))
     bundle, info = _load_bundle(uri)
     StreamingGenerator = _model_api()
-    return LoadedModel(info, lambda: StreamingGenerator(bundle, device=device))
+    # Place the weights once here (a GPU when the replica has one), not once per stream.
+    bundle.to(_pick_device(device))
+    return LoadedModel(info, lambda: StreamingGenerator(bundle))
+
+
+def _pick_device(device: str | None) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _model_api() -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -114,14 +115,14 @@ class Mp4Writer:
     def __enter__(self) -> Mp4Writer:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
         if exc_type is None:
             self.close()
         else:
             self.abort()
 
 
-def probe(path: str | os.PathLike) -> dict[str, float | int]:
+def probe(path: str | os.PathLike) -> dict[str, Any]:
     """Frame count, fps, sample rate, channels and durations of an mp4 (decoded, not guessed)."""
     with av.open(str(path)) as box:
         v, a = box.streams.video[0], box.streams.audio[0]

@@ -1,0 +1,184 @@
+"""`omniforcing demo`: the embedded default end to end, in one command.
+
+synthetic shards → shipped demo teacher (or `--teacher scratch`) → `ode` → `self-forcing` (real
+Ray Train + DeepSpeed jobs, tracked in MLflow under one parent run) → registry promotion →
+Ray Serve endpoint → `clip.mp4` streamed over HTTP → teacher-vs-student evaluation → summary.
+It lives in `deploy/` because it composes every layer (the CLI's composition root); it holds no
+algorithm of its own, only the order of the steps and where their outputs go.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+SHIPPED_TEACHER = Path(__file__).resolve().parents[1] / "pipeline" / "assets" / "demo-teacher"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _step(title: str) -> None:
+    console.rule(f"[bold cyan]{title}")
+
+
+def prepare_data(out: Path, clips: int, seconds: float, teacher: Any, seed: int) -> Path:
+    """Shards at out/shards (kept if present) and the teacher's codecs at out/codecs."""
+    from data.shards import synth
+    from model.codecs import save_codecs
+
+    shards = out / "shards"
+    cfg = teacher.config
+    if not (shards / "index.json").is_file():
+        synth(str(shards), clips, seconds, 64, seed, cfg.height, cfg.width, max_balls=1)
+    save_codecs(out / "codecs", teacher.video_codec, teacher.audio_codec)
+    return shards
+
+
+def distill(cfg: Any, teacher_ref: str, ode_steps: int, sf_steps: int) -> dict[str, str]:
+    """Run `ode` then `self-forcing` (initialised from the ODE student) under one parent run."""
+    from pipeline import tracking
+    from pipeline.config import validate
+    from pipeline.trainer import run_stage
+
+    client = tracking.client_for(tracking.tracking_uri(cfg))
+    exp = tracking.experiment_id(client, cfg.mlflow.experiment)
+    parent = client.create_run(
+        exp, tags={"mlflow.runName": "demo-pipeline", tracking.STAGE_TAG: "pipeline"}
+    ).info.run_id
+    base = cfg.to_dict()
+    base["distill"]["teacher"] = teacher_ref
+    runs: dict[str, str] = {"parent": parent}
+    for stage, steps in (("ode", ode_steps), ("self-forcing", sf_steps)):
+        d = json.loads(json.dumps(base))
+        d["train"]["steps"] = steps
+        if stage == "self-forcing":
+            d["distill"]["student"]["init_from"] = runs["ode"]
+        _step(f"train {stage} ({steps} steps)")
+        runs[stage] = run_stage(validate(d), stage, parent_run=parent).run_id
+    client.set_terminated(parent)
+    return runs
+
+
+def serve_and_stream(uri: str, prompt: str, seconds: int, seed: int, clip: Path) -> dict:
+    from deploy.cli import start_serve
+    from deploy.client import save_stream, stream_http
+
+    port = _free_port()
+    start_serve(uri, port=port, max_streams=2, max_seconds=max(seconds, 10))
+    url = f"http://127.0.0.1:{port}"
+    stats = save_stream(stream_http(url, prompt, seconds, seed), clip)
+    return {"url": url, **stats.summary()}
+
+
+def compare(teacher_dir: str, student_uri: str, n: int, seconds: int, out: Path) -> dict:
+    """Teacher and student on the same prompts and seeds (world captions, so adherence counts)."""
+    from pipeline import evaluate
+    from pipeline.registry import load_bundle
+
+    prompts = [c.meta["caption"] for c in evaluate.world_clips(n, seconds, 1000, 64, 64)]
+    report = {}
+    for name, ref in (("teacher", teacher_dir), ("student", student_uri)):
+        clips = evaluate.generate(load_bundle(ref), prompts, seconds, seed=1000)
+        report[name] = {k: v for k, v in evaluate.evaluate(clips).items() if k != "clips"}
+    (out / "eval.json").write_text(json.dumps(report, indent=2, default=float))
+    return report
+
+
+def _summary(rows: list[tuple[str, str]]) -> None:
+    table = Table(title="OmniForcing demo", show_header=False)
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+def demo(
+    out: Annotated[
+        str, typer.Option(help="Run folder (shards, checkpoints, MLflow).")
+    ] = "runs/demo",
+    config: Annotated[str, typer.Option(help="Job config of the student.")] = "configs/demo.yaml",
+    teacher: Annotated[str, typer.Option(help="'shipped' or a teacher Bundle dir.")] = "shipped",
+    clips: Annotated[int, typer.Option(min=2, help="Synthetic clips to distil on.")] = 64,
+    ode_steps: Annotated[int, typer.Option(min=1)] = 150,
+    sf_steps: Annotated[int, typer.Option(min=1)] = 40,
+    prompt: Annotated[str, typer.Option()] = "a small red ball moving up-left with a high ping",
+    seconds: Annotated[int, typer.Option(min=1, help="Length of the streamed clip.")] = 5,
+    clip: Annotated[str, typer.Option(help="Where the streamed clip goes.")] = "clip.mp4",
+    eval_clips: Annotated[int, typer.Option(min=1)] = 8,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key.")] = None,
+) -> None:
+    """Synthetic data → teacher → ODE + Self-Forcing student → MLflow → promote → serve → clip."""
+    from model import Bundle
+    from pipeline.commands import user_errors
+    from pipeline.config import load_config
+    from pipeline.registry import promote
+
+    t0 = time.perf_counter()
+    root = Path(out).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    with user_errors():
+        overrides = [
+            f"data.path={root / 'shards'}",
+            f"data.codec_dir={root / 'codecs'}",
+            f"storage.path={root / 'checkpoints'}",
+            *(set_ or []),
+        ]
+        cfg = load_config(config, overrides)
+        os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        teacher_dir = str(SHIPPED_TEACHER) if teacher == "shipped" else teacher
+        _step("data: synthetic one-ball world")
+        tb = Bundle.from_pretrained(teacher_dir)
+        prepare_data(root, clips, cfg.data.seconds + 1 / 24, tb, cfg.train.seed)
+        runs = distill(cfg, teacher_dir, ode_steps, sf_steps)
+        _step("promote the student")
+        promoted = promote(
+            run=runs["self-forcing"], tracking_uri=os.environ["MLFLOW_TRACKING_URI"],
+            experiment=cfg.mlflow.experiment,
+        )  # fmt: skip
+        _step(f"serve {promoted['uri']} and stream {seconds} s to {clip}")
+        stats = serve_and_stream(promoted["uri"], prompt, seconds, 7, Path(clip))
+        _step("evaluate teacher vs student")
+        report = compare(teacher_dir, promoted["uri"], eval_clips, seconds, root)
+    t, s = report["teacher"], report["student"]
+    _summary(
+        [
+            ("MLflow", os.environ["MLFLOW_TRACKING_URI"] + f"  (parent run {runs['parent']})"),
+            ("model", f"{promoted['uri']} = version {promoted['version']}"),
+            ("clip", f"{Path(clip).resolve()}  ({stats.get('frames')} frames)"),
+            ("time to first chunk", f"{stats.get('ttfc_s', 0):.2f} s"),
+            ("real-time factor", f"{stats.get('rtf', 0):.2f}×"),
+            (
+                "contacts with onset ≤40 ms",
+                f"teacher {_f(t, 'contact_recall')} / student "
+                f"{_f(s, 'contact_recall')} (chance {_f(t, 'chance_recall')})",
+            ),
+            ("speed-up student vs teacher", _speedup(t, s)),
+            ("wall time", f"{time.perf_counter() - t0:.0f} s"),
+        ]
+    )
+
+
+def _f(report: dict, key: str) -> str:
+    v = report.get(key)
+    return "n/a" if v is None else f"{float(v):.2f}"
+
+
+def _speedup(t: dict, s: dict) -> str:
+    ts, ss = t.get("gen_s_per_s"), s.get("gen_s_per_s")
+    return f"{ts / ss:.1f}×" if ts and ss else "n/a"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)
