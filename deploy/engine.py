@@ -225,12 +225,14 @@ class Engine:
         with self._lock:
             if sid in self._active:
                 self._active[sid] = None  # started: from now on only its worker releases it
+        submitted = False
         try:
             head = {"type": "start", "stream_id": sid, "model": loaded.info.to_json()}
             yield encode_part({**head, **asdict(req)})
             credits = threading.Semaphore(self.max_ahead)
             work = (sid, loaded, req, put, stop, credits, started)
             loop.run_in_executor(self._pool, self._work, *work)
+            submitted = True
             async for kind, item in _drain(queue, cancel):
                 if kind == "chunk":
                     yield item
@@ -245,6 +247,8 @@ class Engine:
                     return
         finally:
             stop.set()  # the worker sees this at the next block boundary and frees the cache
+            if not submitted:  # client gone right after the start part: no worker to release
+                self.release(sid)
 
     def _work(self, sid, loaded, req, put, stop, credits, started) -> None:
         it = None

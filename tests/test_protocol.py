@@ -120,6 +120,11 @@ async def _collect(engine: Engine, req: GenerateRequest, cancel_after: int | Non
     return parts
 
 
+async def _first_then_close(parts) -> None:
+    assert decode_part(await parts.__anext__()).type == "start"
+    await parts.aclose()
+
+
 def _wait_idle(engine: Engine) -> dict[str, int]:
     for _ in range(200):
         stats = engine.stats()
@@ -141,9 +146,16 @@ def test_engine_streams_cancels_and_frees_sessions() -> None:
     assert len([p for p in parts if p.type == "chunk"]) < 10
     stats = _wait_idle(engine)
     assert stats == {"active_streams": 0, "live_generators": 0, "max_streams": 1}
-    engine.admit()
+    held = engine.admit()
     with pytest.raises(Overloaded):
         engine.admit()
+    engine.release(held)
+    # A client gone right after the start part (before any worker) frees its slot too.
+    sid = engine.admit()
+    parts = engine.stream(sid, GenerateRequest("a", 2))
+    asyncio.run(_first_then_close(parts))
+    assert engine.stats()["active_streams"] == 0
+    engine.admit()
     # An admitted stream that never starts (client gone before the body) is reclaimed.
     engine.start_timeout_s = 0.05
     asyncio.run(asyncio.sleep(0.1))
