@@ -97,11 +97,12 @@ def compare(teacher_dir: str, student_uri: str, n: int, seconds: int, out: Path)
     return report
 
 
-def _summary(rows: list[tuple[str, str]]) -> None:
+def _summary(rows: list[tuple[str, str]]) -> dict[str, str]:
     table = Table(title="OmniForcing demo", show_header=False)
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
+    return dict(rows)
 
 
 def demo(
@@ -152,7 +153,7 @@ def demo(
         _step("evaluate teacher vs student")
         report = compare(teacher_dir, promoted["uri"], eval_clips, seconds, root)
     t, s = report["teacher"], report["student"]
-    _summary(
+    rows = _summary(
         [
             ("MLflow", os.environ["MLFLOW_TRACKING_URI"] + f"  (parent run {runs['parent']})"),
             ("model", f"{promoted['uri']} = version {promoted['version']}"),
@@ -168,6 +169,8 @@ def demo(
             ("wall time", f"{time.perf_counter() - t0:.0f} s"),
         ]
     )
+    summary = {"runs": runs, "promoted": promoted, "stream": stats, "eval": report, "rows": rows}
+    (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
 def _f(report: dict, key: str) -> str:

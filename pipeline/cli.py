@@ -24,7 +24,7 @@ _COMMAND_MODULES = (
     "data.cli",
     "pipeline.commands",
     "pipeline.eval_commands",
-    "pipeline.demo",
+    "deploy.demo",
     "deploy.cli",
 )
 

@@ -289,6 +289,9 @@ def _trainer(cfg: JobConfig, loop_cfg: dict[str, Any], ray_name: str, storage: c
     res = {"CPU": sc.cpus_per_worker} | ({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})
     env = {"OMP_NUM_THREADS": "1"} if not sc.use_gpu else {}
     env |= {"DS_ACCELERATOR": "cpu"} if not sc.use_gpu else {}
+    # Workers resolve models:/ and runs:/ references (teacher, ODE student) against the job's
+    # tracking server, not whatever default the worker process would pick.
+    env |= {"MLFLOW_TRACKING_URI": loop_cfg["tracking_uri"]}
     run_config = RunConfig(
         name=ray_name,
         storage_path=storage.path,
