@@ -102,11 +102,14 @@ def pipeline(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         ).info.run_id
         for stage in available_stages():
             run_id = _run_or_skip(client, exp, cfg, stage, parent)
+            d = cfg.to_dict()
             if stage == "teacher" and cfg.distill.teacher is None:
                 # The distillation stages score with the teacher this pipeline just trained.
-                cfg = validate(
-                    {**cfg.to_dict(), "distill": {**cfg.to_dict()["distill"], "teacher": run_id}}
-                )
+                d["distill"]["teacher"] = run_id
+            elif stage == "ode" and cfg.distill.student.init_from == "teacher":
+                # Self-Forcing starts from the ODE-initialised student (the paper's stage 3).
+                d["distill"]["student"]["init_from"] = run_id
+            cfg = validate(d)
         client.set_terminated(parent)
 
 

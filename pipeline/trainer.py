@@ -232,6 +232,14 @@ def ensure_ray(cfg: JobConfig) -> None:
     )
 
 
+def _stage_dataset(cfg: JobConfig, stage: str) -> Any:
+    """The job's dataset, passed through the stage's optional driver-side `prepare_dataset`
+    hook (e.g. the `ode` stage's teacher-scoring actor pool)."""
+    ds = build_dataset(cfg)
+    hook = getattr(get_stage(stage), "prepare_dataset", None)
+    return hook(ds, cfg) if hook is not None else ds
+
+
 def build_dataset(cfg: JobConfig) -> Any:
     """Rows {key, caption, video [Fv,h,w,C], audio [Fa,C]}: shards (the real path) or random."""
     import ray.data
@@ -307,7 +315,7 @@ def _trainer(cfg: JobConfig, loop_cfg: dict[str, Any], ray_name: str, storage: c
             num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=res
         ),
         run_config=run_config,
-        datasets={"train": build_dataset(cfg)},
+        datasets={"train": _stage_dataset(cfg, loop_cfg["stage"])},
     )
 
 

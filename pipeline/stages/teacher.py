@@ -215,8 +215,9 @@ def load_codecs(cfg: Any, mcfg: Any) -> tuple[Any, Any]:
     from model.codecs import CellVideoCodec, EnvelopeAudioCodec
     from model.codecs import load_codecs as read_codecs
 
-    d = Path(cfg.data.codec_dir) if cfg.data.codec_dir else None
-    if d is not None and (d / "codec.json").is_file():
+    # Same default as the data pipeline (pipeline.trainer.build_dataset): <data.path>/codecs.
+    d = Path(cfg.data.codec_dir or cfg.data.path.rstrip("/") + "/codecs")
+    if (d / "codec.json").is_file():
         return read_codecs(d)
     if cfg.data.source == "shards":
         raise ValueError(
