@@ -246,3 +246,28 @@ def test_slow_client_bounds_chunks_generated_ahead() -> None:
     parts = asyncio.run(slow())
     assert [p.type for p in parts].count("chunk") == 21 and produced == list(range(21))
     engine.shutdown()
+
+
+def test_model_swap_keeps_running_stream_on_the_old_model() -> None:
+    from deploy.engine import LoadedModel, ModelInfo, SyntheticGenerator
+
+    def loaded(version: str) -> LoadedModel:
+        info = ModelInfo("t", "t", version, None, None)
+        return LoadedModel(info, lambda: SyntheticGenerator(delay=0.01))
+
+    engine = Engine(loaded("1"), max_streams=2)
+
+    async def run() -> tuple[list, list]:
+        old = engine.stream(engine.admit(), GenerateRequest("a", 3))
+        first = [decode_part(await old.__anext__())]
+        engine.model = loaded("2")  # what the replica's reconfigure does on reload
+        first += [decode_part(raw) async for raw in old]
+        second = [
+            decode_part(raw) async for raw in engine.stream(engine.admit(), GenerateRequest("a", 1))
+        ]
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert first[0].header["model"]["version"] == "1" and first[-1].header["chunks"] == 4
+    assert second[0].header["model"]["version"] == "2"
+    engine.shutdown()
