@@ -118,6 +118,7 @@ def demo(
     seconds: Annotated[int, typer.Option(min=1, help="Length of the streamed clip.")] = 5,
     clip: Annotated[str, typer.Option(help="Where the streamed clip goes.")] = "clip.mp4",
     eval_clips: Annotated[int, typer.Option(min=1)] = 8,
+    name: Annotated[str, typer.Option(help="Registered model name.")] = "omniforcing-student",
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key.")] = None,
 ) -> None:
     """Synthetic data → teacher → ODE + Self-Forcing student → MLflow → promote → serve → clip."""
@@ -145,7 +146,7 @@ def demo(
         runs = distill(cfg, teacher_dir, ode_steps, sf_steps)
         _step("promote the student")
         promoted = promote(
-            run=runs["self-forcing"], tracking_uri=os.environ["MLFLOW_TRACKING_URI"],
+            run=runs["self-forcing"], name=name, tracking_uri=os.environ["MLFLOW_TRACKING_URI"],
             experiment=cfg.mlflow.experiment,
         )  # fmt: skip
         _step(f"serve {promoted['uri']} and stream {seconds} s to {clip}")

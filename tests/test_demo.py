@@ -33,7 +33,7 @@ def test_demo_end_to_end_at_tiny_scale(tmp_path, tiny_teacher, ray_local, mlflow
     clip = tmp_path / "clip.mp4"
     args = ["demo", "--out", str(tmp_path / "run"), "--config", "configs/tiny.yaml"]
     args += ["--teacher", str(tiny_teacher), "--clips", "4", "--ode-steps", "2", "--sf-steps", "1"]
-    args += ["--seconds", "1", "--clip", str(clip), "--eval-clips", "1"]
+    args += ["--seconds", "1", "--clip", str(clip), "--eval-clips", "1", "--name", "demo-student"]
     for kv in ("data.source=shards", "distill.teacher_steps=3", "train.checkpoint_every=1"):
         args += ["--set", kv]
     try:
@@ -49,12 +49,12 @@ def test_demo_end_to_end_at_tiny_scale(tmp_path, tiny_teacher, ray_local, mlflow
     # The student is in the registry under the alias, and the evaluation compared both models.
     from mlflow import MlflowClient
 
-    version = MlflowClient().get_model_version_by_alias("omniforcing-student", "champion")
+    version = MlflowClient().get_model_version_by_alias("demo-student", "champion")
     assert version.run_id
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert set(report) == {"teacher", "student"}
     assert "contact_recall" in report["student"] and "chance_recall" in report["teacher"]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["promoted"]["uri"] == "models:/omniforcing-student@champion"
+    assert summary["promoted"]["uri"] == "models:/demo-student@champion"
     assert summary["stream"]["chunks"] == 2 and str(clip) in summary["rows"]["clip"]
     assert set(summary["runs"]) == {"parent", "ode", "self-forcing"}
