@@ -184,8 +184,21 @@ def runs(
     Console().print(table)
 
 
+def export_cmd(
+    checkpoint: Annotated[str, typer.Option(help="A teacher checkpoint folder (step-…).")],
+    out: Annotated[str, typer.Option(help="Bundle folder to write.")],
+) -> None:
+    """Export a teacher checkpoint's EMA weights + codecs + text encoder as a Bundle."""
+    from pipeline.stages.teacher import export_checkpoint
+
+    with user_errors():
+        path = export_checkpoint(checkpoint, out)
+    console.print(f"[green]exported[/] {path}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("pipeline")(pipeline)
     app.command("promote")(promote_cmd)
     app.command("runs")(runs)
+    app.command("export")(export_cmd)

@@ -230,3 +230,32 @@ def load_codecs(cfg: Any, mcfg: Any) -> tuple[Any, Any]:
 
 
 STAGE = TeacherStage
+
+
+def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
+    """A teacher checkpoint's EMA weights as a Bundle, without Ray or DeepSpeed.
+
+    For checkpoints below ZeRO-3 (each rank's EMA holds whole tensors), e.g. a long CPU run that
+    is stopped between its periodic checkpoints. Codecs come from the run's `data.codec_dir`.
+    """
+    from safetensors.torch import load_file
+
+    from model.bundle import Bundle
+    from pipeline.checkpoint import read_meta
+    from pipeline.config import validate
+
+    d = Path(ckpt_dir)
+    meta = read_meta(d)
+    cfg = validate(meta["config"], source=str(d / "meta.json"))
+    if cfg.train.zero_stage == 3:
+        raise ValueError(f"{d}: ZeRO-3 checkpoints hold EMA shards; export by resuming the run")
+    ema = d / "ema" / "teacher-rank0.safetensors"
+    if not ema.is_file():
+        raise FileNotFoundError(f"{d}: no EMA weights at {ema} (train.ema.enabled was false?)")
+    mcfg = cfg.build_model_config(causal=False)
+    net = TeacherNet(AVDiT(mcfg), build_text_encoder(cfg, mcfg.text_dim))
+    state = net.state_dict() | load_file(str(ema))
+    net.load_state_dict(state)
+    vcodec, acodec = load_codecs(cfg, mcfg)
+    extra = {"stage": "teacher", "step": meta["step"], "source": str(d)}
+    return Bundle(net.dit.eval(), vcodec, acodec, net.text.eval()).save_pretrained(out_dir, extra)
