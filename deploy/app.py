@@ -223,3 +223,25 @@ def build_app(
         user_config={"model": model, "revision": revision},
     )
     return deployment.bind(asdict(settings), model)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Serve config entry point (`import_path: deploy.app:app_builder`, e.g. in a RayService):
+    Serve passes the config's `args` mapping as the one argument."""
+    allowed = {"model", "replicas", "max_streams", "max_seconds", "replica_cpus", "replica_gpus"}
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        raise ValueError(f"app_builder args: unknown key(s) {unknown}; allowed {sorted(allowed)}")
+    replicas = int(args.get("replicas", 1))
+    settings = Settings(
+        max_streams=max(1, int(args.get("max_streams", 4)) // replicas),
+        max_seconds=int(args.get("max_seconds", 60)),
+        api_key=os.environ.get("OMNIFORCING_API_KEY"),
+    )
+    return build_app(
+        str(args.get("model", "models:/omniforcing-student@champion")),
+        settings,
+        replicas=replicas,
+        replica_cpus=float(args.get("replica_cpus", 1.0)),
+        replica_gpus=float(args.get("replica_gpus", 0.0)),
+    )
