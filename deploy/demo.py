@@ -50,6 +50,7 @@ def prepare_data(out: Path, clips: int, seconds: float, teacher: Any, seed: int)
 def distill(cfg: Any, teacher_ref: str, ode_steps: int, sf_steps: int) -> dict[str, str]:
     """Run `ode` then `self-forcing` (initialised from the ODE student) under one parent run."""
     from pipeline import tracking
+    from pipeline.commands import progress_from_mlflow
     from pipeline.config import validate
     from pipeline.trainer import run_stage
 
@@ -67,7 +68,9 @@ def distill(cfg: Any, teacher_ref: str, ode_steps: int, sf_steps: int) -> dict[s
         if stage == "self-forcing":
             d["distill"]["student"]["init_from"] = runs["ode"]
         _step(f"train {stage} ({steps} steps)")
-        runs[stage] = run_stage(validate(d), stage, parent_run=parent).run_id
+        stage_cfg = validate(d)
+        with progress_from_mlflow(stage_cfg, stage):
+            runs[stage] = run_stage(stage_cfg, stage, parent_run=parent).run_id
     client.set_terminated(parent)
     return runs
 

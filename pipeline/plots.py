@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -57,4 +58,15 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)  # atomic: readers never see a half-written PNG
+    return path
+
+
+def sample_clip(frames: Any, audio: Any, fps: int, sample_rate: int, path: str | Path) -> Path:
+    """A generated clip as a playable mp4 (H.264 + AAC) for MLflow, written atomically."""
+    from data.mp4 import encode_mp4
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(encode_mp4(np.asarray(frames), np.asarray(audio), fps, sample_rate))
+    tmp.replace(path)
     return path

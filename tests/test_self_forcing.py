@@ -156,3 +156,4 @@ def test_artifacts_hook_writes_a_student_sheet(
     stage.artifacts(3, None, ctx)  # non-zero ranks: forwards only, nothing written
     stage.artifacts(3, tmp_path, ctx)
     assert (tmp_path / "student_sheet.png").stat().st_size > 0
+    assert (tmp_path / "student.mp4").read_bytes()[4:8] == b"ftyp"  # a playable mp4

@@ -85,7 +85,10 @@ def test_teacher_zero2_two_workers_s3_and_mlflow(
     }
     assert {"config/resolved.json", "plots/loss_curve.png", "bundle/model.safetensors"} <= arts
     sheets = {a.path for a in client.list_artifacts(res.run_id, "samples/step-00000004")}
-    assert sheets == {"samples/step-00000004/contact_sheet.png"}
+    assert sheets == {
+        "samples/step-00000004/contact_sheet.png",
+        "samples/step-00000004/sample.mp4",
+    }
 
     # The checkpoint landed in S3: engine shards from both ranks, meta last; only 2 kept.
     bucket = s3_bucket.removeprefix("s3://")

@@ -156,10 +156,15 @@ def student_sheet(
     p = next(module.parameters())
     emb, mask = teacher.text_encoder(["a red ball"])
     cache = module.new_cache(emb.to(p.dtype), mask, seconds)
-    video = [xv for _, xv, _ in rollout_blocks(module, cache, seconds, sigmas, g)]  # [1,n,h,w,C]
+    blocks = list(rollout_blocks(module, cache, seconds, sigmas, g))
     if out_dir is None:
         return
-    from pipeline.plots import contact_sheet
+    from pipeline.plots import contact_sheet, sample_clip
 
-    frames = teacher.video_codec.decode(torch.cat(video, 1)[0].float().cpu())  # [F, H, W, 3]
+    video = torch.cat([xv for _, xv, _ in blocks], 1)[0].float().cpu()  # [Fv, h, w, C]
+    audio = torch.cat([xa for _, _, xa in blocks], 1)[0].float().cpu()  # [Fa, C]
+    frames = teacher.video_codec.decode(video)  # uint8 [F, H, W, 3]
+    wave = teacher.audio_codec.decode(audio)  # float [channels, S]
     contact_sheet(frames[:: max(1, frames.shape[0] // 16)].numpy(), out_dir / "student_sheet.png")
+    cfg = module.cfg
+    sample_clip(frames.numpy(), wave.numpy(), cfg.fps, cfg.sample_rate, out_dir / "student.mp4")

@@ -179,19 +179,21 @@ class TeacherStage:
             return flow.guided(cv, uv, 3.0), flow.guided(ca, ua, 3.0)
 
         self.engine.eval()
-        xv, _ = flow.euler_sample(
+        xv, xa = flow.euler_sample(
             velocity, nv, na, flow.ltx2_sigmas(8, fv * m.video_tokens_per_frame)
         )
         self.engine.train()
         if out_dir is None:
             return
-        from pipeline.plots import contact_sheet
+        from pipeline.plots import contact_sheet, sample_clip
 
-        vcodec, _ = load_codecs(ctx.cfg, m)
+        vcodec, acodec = load_codecs(ctx.cfg, m)
         frames = vcodec.decode(xv[0].float().cpu())  # uint8 [F, H, W, 3]
+        audio = acodec.decode(xa[0].float().cpu())  # float [C, S]
         contact_sheet(
             frames[:: max(1, frames.shape[0] // 16)].numpy(), out_dir / "contact_sheet.png"
         )
+        sample_clip(frames.numpy(), audio.numpy(), m.fps, m.sample_rate, out_dir / "sample.mp4")
 
     def export(self, out_dir: Path | None, ctx: WorkerContext) -> None:
         """EMA (or live) weights gathered from every rank; rank 0 writes a model.Bundle."""
