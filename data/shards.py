@@ -24,6 +24,8 @@ from typing import Any, BinaryIO
 
 import fsspec
 
+from model.bundle import sha256_file
+
 SHARD_PATTERN = "shard-{:06d}.tar"
 INDEX_NAME = "index.json"
 FORMAT = "omniforcing-shards/1"
@@ -59,14 +61,6 @@ def resolve(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
         )
         return fs, path[len("s3://") :].rstrip("/")
     return fsspec.filesystem("file"), os.path.abspath(path)
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_tar(path: str, members: dict[str, bytes]) -> None:
@@ -128,7 +122,7 @@ class ShardWriter:
         write_tar(local, self._pending)
         os.chmod(local, 0o644)  # mkstemp makes 0600; shards are meant to be shared
         entry = {"name": name, "samples": len(self._keys), "bytes": os.path.getsize(local)}
-        entry.update(sha256=_sha256(local), first_key=min(self._keys), last_key=max(self._keys))
+        entry.update(sha256=sha256_file(local), first_key=min(self._keys), last_key=max(self._keys))
         self._put(local, name)
         self.shards.append(entry)
         self._pending, self._keys = {}, []
