@@ -40,6 +40,9 @@ class ModelConfig:
     causal: bool = False  # True: block-causal student with audio sinks; False: bidirectional
     num_sinks: int = 16  # learnable audio sink tokens (used only when causal)
     input_skip: bool = False  # gated linear input→output skip per stream (helps wide tokens)
+    # Training-forward masks: "sdpa" = dense bool masks; "flex" = FlexAttention block masks
+    # (compiled on CUDA, where skipping fully-masked tiles pays off at LTX-2 token counts).
+    attention: str = "sdpa"
     # Physical geometry (LTX-2 semantics).
     fps: int = 24
     height: int = 64
@@ -57,6 +60,8 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried with the config
 
     def __post_init__(self) -> None:
+        if self.attention not in ("sdpa", "flex"):
+            raise ValueError(f"model.attention: {self.attention!r} is not 'sdpa' or 'flex'")
         h, w = self.video_latent_hw
         p = self.video.patch
         if h % p or w % p:

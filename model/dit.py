@@ -155,7 +155,9 @@ class AVDiT(nn.Module):
             layout = BlockLayout.from_counts(
                 fv, fa, cfg.video_block_latents, cfg.audio_block_latents
             )
-            masks = TrainingMasks(layout, cfg.video_tokens_per_frame, sinks, windows, device=dev)
+            masks = TrainingMasks(
+                layout, cfg.video_tokens_per_frame, sinks, windows, dev, backend=cfg.attention
+            )
         tv, ta = self.project_text(text_emb)
         ctx = FullContext(rope, masks, tv, ta, text_mask)
         return self._run(video, audio, sigma_v, sigma_a, sinks > 0, ctx)

@@ -9,6 +9,7 @@ training forward and the streaming forward.
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import torch
@@ -66,10 +67,27 @@ class Attention(nn.Module):
     def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._heads(self.k_norm(self.to_k(x))), self._heads(self.to_v(x))
 
-    def attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
-        """q [B,H,Lq,d], k/v [B,H,Lk,d], mask bool [Lq,Lk] or [B,1,1,Lk] → [B, Lq, out_dim]."""
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    def attend(self, q, k, v, mask) -> torch.Tensor:
+        """q [B,H,Lq,d], k/v [B,H,Lk,d]; mask: None, bool [Lq,Lk] / [B,1,1,Lk], or a FlexAttention
+        BlockMask → [B, Lq, out_dim]."""
+        if mask is None or isinstance(mask, torch.Tensor):
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            o = _flex(q.is_cuda)(q, k, v, block_mask=mask)
         return self.to_out(o.transpose(1, 2).flatten(2))
+
+
+@functools.cache
+def _flex(cuda: bool):
+    """FlexAttention: compiled into a fused kernel on CUDA; the eager reference elsewhere."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if cuda:
+        return torch.compile(flex_attention, dynamic=False)
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    return flex_attention
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,25 @@ def audio_token_ids(layout: BlockLayout, sinks: int) -> torch.Tensor:
     return torch.cat([torch.zeros(sinks, dtype=torch.long), layout.audio_block_ids()])
 
 
+def flex_block_mask(
+    q_ids: torch.Tensor, k_ids: torch.Tensor, window: int | None, device: torch.device | None
+):
+    """The same rule as `block_mask`, as a FlexAttention BlockMask (tiles of 128 × 128)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    q_ids, k_ids = q_ids.to(device), k_ids.to(device)
+
+    def mask_mod(b, h, qi, ki):
+        q, k = q_ids[qi], k_ids[ki]
+        allowed = k <= q
+        if window is not None:
+            allowed = allowed & ((k == 0) | (q - k < window))
+        return allowed
+
+    dev = "cpu" if device is None else str(device)
+    return create_block_mask(mask_mod, None, None, len(q_ids), len(k_ids), device=dev)
+
+
 class TrainingMasks:
     """The four masks of one forward: video-self, audio-self, A2V (video→audio), V2A (audio→video).
 
@@ -50,11 +69,19 @@ class TrainingMasks:
         sinks: int,
         windows: tuple[int | None, int | None] = (None, None),
         device: torch.device | None = None,
+        backend: str = "sdpa",
     ) -> None:
         vid = video_token_ids(layout, tokens_per_frame)
         aid = audio_token_ids(layout, sinks)
         wv, wa = windows
-        self.video_self = block_mask(vid, vid, wv).to(device)
-        self.audio_self = block_mask(aid, aid, wa).to(device)
-        self.a2v = block_mask(vid, aid, wa).to(device)
-        self.v2a = block_mask(aid, vid, wv).to(device)
+        pairs = {
+            "video_self": (vid, vid, wv),
+            "audio_self": (aid, aid, wa),
+            "a2v": (vid, aid, wa),
+            "v2a": (aid, vid, wv),
+        }
+        for name, (q, k, w) in pairs.items():
+            if backend == "flex":
+                setattr(self, name, flex_block_mask(q, k, w, device))
+            else:
+                setattr(self, name, block_mask(q, k, w).to(device))

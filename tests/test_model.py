@@ -145,3 +145,20 @@ def test_ltx2_size_on_meta_device():
     counts = big.param_counts()
     assert abs(counts["total"] - 19e9) / 19e9 < 0.10
     assert 12.5e9 < counts["video"] < 15.5e9 and 3.5e9 < counts["audio"] < 6e9
+
+
+@pytest.mark.parametrize("windows", [(None, None), (2, 3)])
+def test_flex_attention_masks_match_dense_sdpa(student, windows):
+    flex = AVDiT(student.cfg.replace(attention="flex")).eval()
+    flex.load_state_dict(student.state_dict())
+    lay, v, a, sv, sa, t, m = _inputs(student.cfg)
+    with torch.no_grad():
+        ref = student(v, a, sv, sa, t, m, windows=windows)
+        out = flex(v, a, sv, sa, t, m, windows=windows)
+    for x, y in zip(out, ref, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_attention_backend_is_rejected():
+    with pytest.raises(ValueError, match="model.attention"):
+        preset("tiny", attention="flash")
