@@ -199,16 +199,18 @@ class TeacherStage:
         """EMA (or live) weights gathered from every rank; rank 0 writes a model.Bundle."""
         ema = self._emas.get("teacher")
         full = gather_full(self.engine.module, ema.state() if ema else None)
-        if out_dir is None:
-            return
-        from model.bundle import Bundle
+        if out_dir is not None:
+            write_bundle(ctx.cfg, self.mcfg, full, out_dir, {"stage": self.name})
 
-        net = TeacherNet(AVDiT(self.mcfg), build_text_encoder(ctx.cfg, self.mcfg.text_dim))
-        net.load_state_dict(full)
-        vcodec, acodec = load_codecs(ctx.cfg, self.mcfg)
-        Bundle(net.dit.eval(), vcodec, acodec, net.text.eval()).save_pretrained(
-            out_dir, extra={"stage": self.name}
-        )
+
+def write_bundle(cfg: Any, mcfg: Any, state: dict, out_dir: str | Path, extra: dict) -> Path:
+    """TeacherNet weights (a full state dict) + the run's codecs → a model.Bundle at `out_dir`."""
+    from model.bundle import Bundle
+
+    net = TeacherNet(AVDiT(mcfg), build_text_encoder(cfg, mcfg.text_dim))
+    net.load_state_dict(state)  # strict: every weight of the net must come from `state`
+    vcodec, acodec = load_codecs(cfg, mcfg)
+    return Bundle(net.dit.eval(), vcodec, acodec, net.text.eval()).save_pretrained(out_dir, extra)
 
 
 def load_codecs(cfg: Any, mcfg: Any) -> tuple[Any, Any]:
@@ -242,7 +244,6 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
     """
     from safetensors.torch import load_file
 
-    from model.bundle import Bundle
     from pipeline.checkpoint import read_meta
     from pipeline.config import validate
 
@@ -254,10 +255,6 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
     ema = d / "ema" / "teacher-rank0.safetensors"
     if not ema.is_file():
         raise FileNotFoundError(f"{d}: no EMA weights at {ema} (train.ema.enabled was false?)")
-    mcfg = cfg.build_model_config(causal=False)
-    net = TeacherNet(AVDiT(mcfg), build_text_encoder(cfg, mcfg.text_dim))
-    state = net.state_dict() | load_file(str(ema))
-    net.load_state_dict(state)
-    vcodec, acodec = load_codecs(cfg, mcfg)
     extra = {"stage": "teacher", "step": meta["step"], "source": str(d)}
-    return Bundle(net.dit.eval(), vcodec, acodec, net.text.eval()).save_pretrained(out_dir, extra)
+    mcfg = cfg.build_model_config(causal=False)
+    return write_bundle(cfg, mcfg, load_file(str(ema)), out_dir, extra)
