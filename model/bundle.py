@@ -174,9 +174,9 @@ def read_config(directory: Path, verify: bool = True) -> dict[str, Any]:
 
 def codec_class(name: str):
     """Resolve a codec class by name from model.codecs (the only place codecs live)."""
-    from . import codecs
+    from .codecs import _CODECS  # the one type-name → class table of the codecs
 
-    cls = getattr(codecs, name, None)
-    if cls is None or not hasattr(cls, "from_state"):
+    cls = _CODECS.get(name)
+    if cls is None:
         raise BundleError(f"unknown codec class {name!r} (not in model.codecs)")
     return cls

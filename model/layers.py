@@ -18,8 +18,6 @@ from torch import nn
 
 from .rope import apply_rope
 
-KINDS = ("video_self", "audio_self", "a2v", "v2a")
-
 
 class AttentionContext(Protocol):
     def keys(
