@@ -86,18 +86,28 @@ def serve_and_stream(uri: str, prompt: str, seconds: int, seed: int, clip: Path)
     return {"url": url, **stats.summary()}
 
 
-def compare(teacher_dir: str, student_uri: str, n: int, seconds: int, out: Path) -> dict:
-    """Teacher and student on the same prompts and seeds (world captions, so adherence counts)."""
-    from pipeline import evaluate
+def compare(
+    teacher_dir: str, student_uri: str, n: int, seconds: int, out: Path, run_id: str
+) -> dict:
+    """Teacher and student on the same one-ball world prompts and seeds (so caption adherence
+    counts), the same report as `omniforcing eval --compare`: table, eval/eval.json, eval/eval.png
+    (frames over waveform, contacts marked), all logged to the demo's parent MLflow run."""
+    from pipeline import eval_commands, evaluate
     from pipeline.registry import load_bundle
 
-    prompts = [c.meta["caption"] for c in evaluate.world_clips(n, seconds, 1000, 64, 64)]
-    report = {}
-    for name, ref in (("teacher", teacher_dir), ("student", student_uri)):
-        clips = evaluate.generate(load_bundle(ref), prompts, seconds, seed=1000)
-        report[name] = {k: v for k, v in evaluate.evaluate(clips).items() if k != "clips"}
-    (out / "eval.json").write_text(json.dumps(report, indent=2, default=float))
-    return report
+    bundles = {"teacher": load_bundle(teacher_dir), "student": load_bundle(student_uri)}
+    cfg = bundles["teacher"].config
+    truth = evaluate.world_clips(n, seconds, 1000, cfg.height, cfg.width, max_balls=1)
+    prompts = [c.meta["caption"] for c in truth]
+    sets = {k: evaluate.generate(b, prompts, seconds, seed=1000) for k, b in bundles.items()}
+    reports = {k: evaluate.evaluate(clips) for k, clips in sets.items()}
+    console.print(eval_commands.report_table(reports, "teacher vs student (same prompts, seeds)"))
+    files = [
+        eval_commands.write_json(reports, out / "eval" / "eval.json"),
+        eval_commands.plot_clips(sets, reports, out / "eval" / "eval.png"),
+    ]
+    eval_commands.log_to_mlflow(run_id, reports, files)
+    return {k: {m: v for m, v in r.items() if m != "clips"} for k, r in reports.items()}
 
 
 def _summary(rows: list[tuple[str, str]]) -> dict[str, str]:
@@ -155,7 +165,7 @@ def demo(
         _step(f"serve {promoted['uri']} and stream {seconds} s to {clip}")
         stats = serve_and_stream(promoted["uri"], prompt, seconds, 7, Path(clip))
         _step("evaluate teacher vs student")
-        report = compare(teacher_dir, promoted["uri"], eval_clips, seconds, root)
+        report = compare(teacher_dir, promoted["uri"], eval_clips, seconds, root, runs["parent"])
     t, s = report["teacher"], report["student"]
     rows = _summary(
         [
@@ -169,7 +179,13 @@ def demo(
                 f"teacher {_f(t, 'contact_recall')} / student "
                 f"{_f(s, 'contact_recall')} (chance {_f(t, 'chance_recall')})",
             ),
+            (
+                "caption colour / pitch",
+                f"teacher {_f(t, 'colour_acc')} / {_f(t, 'pitch_acc')}, student "
+                f"{_f(s, 'colour_acc')} / {_f(s, 'pitch_acc')}",
+            ),
             ("speed-up student vs teacher", _speedup(t, s)),
+            ("teacher vs student report", str(root / "eval" / "eval.png")),
             ("wall time", f"{time.perf_counter() - t0:.0f} s"),
         ]
     )

@@ -135,6 +135,7 @@ def collect(
     seed: int,
     want_ceiling: bool,
     teacher_steps: int = 40,
+    balls: int = 1,
 ) -> dict[str, list[ev.EvalClip]]:
     """The named clip sets to evaluate, from exactly one source."""
     from pipeline.registry import load_bundle
@@ -156,7 +157,7 @@ def collect(
         named = {"teacher": compare[0], "student": compare[1]} if compare else {"model": model}
         bundles = {name: load_bundle(uri) for name, uri in named.items()}
         cfg = next(iter(bundles.values())).config
-        truth = ev.world_clips(clips, seconds, seed, cfg.height, cfg.width)
+        truth = ev.world_clips(clips, seconds, seed, cfg.height, cfg.width, balls)
         prompts = [c.meta["caption"] for c in truth]
         for name, bundle in bundles.items():
             sets[name] = ev.generate(bundle, prompts, seconds, seed, teacher_steps)
@@ -185,12 +186,15 @@ def eval_cmd(
     mlflow_run: str | None = typer.Option(None, help="Log metrics and files to this run."),
     tol_ms: float = typer.Option(40.0, help="Sync tolerance in ms."),
     teacher_steps: int = typer.Option(40, min=1, help="Euler steps of a bidirectional teacher."),
+    balls: int = typer.Option(
+        1, min=1, max=4, help="Most balls per prompt clip: the world the model was trained on."
+    ),
 ) -> None:
     """Sync error, share in sync vs chance, motion and caption adherence of world clips."""
     if paths == []:
         paths = None
     sets = collect(
-        paths or [], model, compare, shards, clips, seconds, seed, ceiling, teacher_steps
+        paths or [], model, compare, shards, clips, seconds, seed, ceiling, teacher_steps, balls
     )
     reports = {name: ev.evaluate(cs, tol_ms / 1e3) for name, cs in sets.items()}
     Console().print(report_table(reports))

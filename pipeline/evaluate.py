@@ -103,14 +103,20 @@ def clips_from_shards(path: str, limit: int | None = None) -> list[EvalClip]:
     return clips
 
 
-def world_clips(n: int, seconds: int, seed: int, height: int, width: int) -> list[EvalClip]:
+def world_clips(
+    n: int, seconds: int, seed: int, height: int, width: int, max_balls: int = 1
+) -> list[EvalClip]:
     """Ground truth for generation: render_clip(seed + i) of `seconds` + 0.04 s (1 + 24 s frames).
 
     Their captions are the prompts, so a generated clip i and world clip i share caption and seed.
+    `max_balls` must match the world the model was trained on (the embedded default: one ball);
+    captions of a two-ball world are out of distribution for a one-ball teacher.
     """
     out = []
     for i in range(n):
-        c = render_clip(seed + i, seconds=seconds + 1 / 24, height=height, width=width)
+        c = render_clip(
+            seed + i, seconds=seconds + 1 / 24, height=height, width=width, max_balls=max_balls
+        )
         out.append(EvalClip(f"world-{seed + i}", c.frames, c.audio, c.meta))
     return out
 

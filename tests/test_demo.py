@@ -51,10 +51,16 @@ def test_demo_end_to_end_at_tiny_scale(tmp_path, tiny_teacher, ray_local, mlflow
 
     version = MlflowClient().get_model_version_by_alias("demo-student", "champion")
     assert version.run_id
-    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    report = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
     assert set(report) == {"teacher", "student"}
     assert "contact_recall" in report["student"] and "chance_recall" in report["teacher"]
+    assert (tmp_path / "run" / "eval" / "eval.png").stat().st_size > 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # The comparison is logged to the demo's parent run: metrics and the PNG.
+    parent = MlflowClient().get_run(summary["runs"]["parent"])
+    assert "eval.student.contact_recall" in parent.data.metrics
+    arts = [a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "eval")]
+    assert "eval/eval.png" in arts
     assert summary["promoted"]["uri"] == "models:/demo-student@champion"
     assert summary["stream"]["chunks"] == 2 and str(clip) in summary["rows"]["clip"]
     assert set(summary["runs"]) == {"parent", "ode", "self-forcing"}
