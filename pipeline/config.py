@@ -147,9 +147,12 @@ class DistillSection(_Strict):
     ode_cfg_video: float = Field(default=3.0, ge=0.0)  # trajectory CFG, video (V1 stage 1 / V2)
     ode_cfg_audio: float = Field(default=5.0, ge=0.0)  # trajectory CFG, audio
     teacher_steps: int = Field(default=40, ge=1)  # Euler steps of the teacher's trajectories
-    teacher_mode: Literal["local", "actors"] = "local"  # actors: Ray actor pool scores batches
-    actors: int = Field(default=1, ge=1)  # teacher-scoring actor pool size
-    actor_cpus: float = Field(default=0.5, gt=0.0)  # logical CPUs per scoring actor
+    teacher_mode: Literal["local", "actors"] = "local"  # ode: actors = Ray pool scores batches
+    # self-forcing DMD real score: `local` = each trainer holds the frozen teacher; `actors` =
+    # trainers send x_t to a pool of `actors` named teacher actors and get the CFG x0 back.
+    real_score: Literal["local", "actors"] = "local"
+    actors: int = Field(default=1, ge=1)  # teacher actor pool size (teacher_mode / real_score)
+    actor_cpus: float = Field(default=0.5, gt=0.0)  # logical CPUs per teacher actor
     actor_batch_size: int = Field(default=2, ge=1)  # rows per map_batches call
     trajectory_cache: str | None = None  # folder of trajectory shards (None: stream, no cache)
     ode_weight_video: float = Field(default=1.0, ge=0.0)  # ODE regression loss weights (V1)
@@ -197,6 +200,9 @@ _RESUME_FREE = (
     "train.plot_every",
     "scaling.max_failures",
     "scaling.cpus_per_worker",
+    # Where the DMD real score runs (same teacher, same CFG). Free also so that adding the key
+    # left the fingerprints of configs written before it unchanged.
+    "distill.real_score",
     "storage",
     "mlflow",
 )

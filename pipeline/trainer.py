@@ -4,8 +4,9 @@
 stage build its DeepSpeed engines, restores a checkpoint (Ray's latest after a worker failure,
 else `resume_from`), then steps the stage, logs metrics (rank 0, idempotent per step), checkpoints
 (all ranks write, then `ray.train.report`) and exports a consolidated Bundle at the end.
-`run_stage(cfg, stage)` is the driver: MLflow run, dataset, `TorchTrainer`, and publishing the
-export. It holds no loss (stages do) and no model code.
+`run_stage(cfg, stage)` is the driver: MLflow run, dataset, the stage's driver-side resources
+(`stage_driver`), `TorchTrainer`, and publishing the export. It holds no loss (stages do) and no
+model code.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,14 +66,16 @@ class BatchStream:
         return {"epoch": self.epoch, "index": self.index}
 
 
-def _context(cfg: JobConfig) -> WorkerContext:
+def _context(cfg: JobConfig, loop_cfg: dict[str, Any] | None = None) -> WorkerContext:
+    """This worker's context; `extra` is what the stage's driver_resources yielded."""
     import ray.train
 
     tc = ray.train.get_context()
     gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
     device = torch.device(f"cuda:{tc.get_local_rank()}" if gpu else "cpu")
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
-    return WorkerContext(cfg, tc.get_world_rank(), tc.get_world_size(), device, dtype)
+    extra = dict((loop_cfg or {}).get("worker_extra") or {})
+    return WorkerContext(cfg, tc.get_world_rank(), tc.get_world_size(), device, dtype, extra)
 
 
 def _restore(
@@ -133,7 +137,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     import ray.train
 
     cfg = validate(loop_cfg["config"], source="train_loop_config")
-    ctx = _context(cfg)
+    ctx = _context(cfg, loop_cfg)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     stage = get_stage(loop_cfg["stage"])()
     stage.setup(ctx)
@@ -225,6 +229,9 @@ def ensure_ray(cfg: JobConfig) -> None:
         ray.init()
         return
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2
+    d = cfg.distill
+    if d.real_score == "actors":  # long-lived teacher actors (self-forcing real score)
+        need += d.actors * d.actor_cpus
     ray.init(
         address="local",
         num_cpus=max(4, int(need + 0.999), os.cpu_count() or 1),
@@ -238,6 +245,20 @@ def _stage_dataset(cfg: JobConfig, stage: str) -> Any:
     ds = build_dataset(cfg)
     hook = getattr(get_stage(stage), "prepare_dataset", None)
     return hook(ds, cfg) if hook is not None else ds
+
+
+@contextmanager
+def stage_driver(cfg: JobConfig, stage: str) -> Iterator[dict[str, Any]]:
+    """The stage's optional driver-side `driver_resources(cfg)` context (e.g. the `self-forcing`
+    real-score actor pool), entered before fit() and left after it, failure included. What it
+    yields reaches every worker as `WorkerContext.extra` through `loop_cfg["worker_extra"]`,
+    outside the config, so it never changes the resume fingerprint."""
+    hook = getattr(get_stage(stage), "driver_resources", None)
+    if hook is None:
+        yield {}
+        return
+    with hook(cfg) as extra:
+        yield dict(extra)
 
 
 def build_dataset(cfg: JobConfig) -> Any:
@@ -366,7 +387,9 @@ def run_stage(
         "resume_from": resume_from,
         "storage_uri": storage.uri(ray_name),
     }
-    result = _trainer(cfg, loop_cfg, ray_name, storage).fit()
+    with stage_driver(cfg, stage) as extra:
+        loop_cfg["worker_extra"] = extra
+        result = _trainer(cfg, loop_cfg, ray_name, storage).fit()
     ckpt = result.checkpoint or (
         ck.open_uri(resume_from, cfg.storage.endpoint, cfg.storage.region) if resume_from else None
     )

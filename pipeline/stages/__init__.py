@@ -68,6 +68,9 @@ class Stage(Protocol):
 
     # Optional: `plot_keys: list[str]` (loss-curve series) and
     # `artifacts(step, out_dir | None, ctx)` (sample clip / contact sheet every train.plot_every).
+    # Optional driver-side static methods (run once by pipeline.trainer.run_stage, not on
+    # workers): `prepare_dataset(ds, cfg) -> ds` and `driver_resources(cfg)`, a context manager
+    # kept open around fit() (e.g. an actor pool) whose yielded dict becomes `ctx.extra`.
 
     def export(self, out_dir: Path | None, ctx: WorkerContext) -> None:
         """Consolidated weights: collective gather; rank 0 gets `out_dir` and writes a Bundle."""

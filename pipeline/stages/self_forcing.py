@@ -10,13 +10,18 @@ and supervises only the last block (earlier frames σ = 0); `distill.prefix: cle
 pins block 0 to the clip's clean latents. Critic: flow matching on detached student samples,
 `critic_updates_per_generator` updates per generator update, its own engine. Logs per-modality
 gradient norms (DMD gradient at the outputs; audio- vs video-stream parameter gradients).
-The real score always runs on this worker's frozen teacher (`teacher_mode` only affects `ode`).
-It does not run the loop or checkpoint (pipeline.trainer).
+The real score runs on this worker's frozen teacher (`distill.real_score: local`) or, with
+`actors`, on a pool of named teacher actors the driver starts for the run (`driver_resources`,
+pipeline.distill.real_score): the worker then sends x_t and gets the CFG x0 back, and drops its
+teacher DiT after initialising the student and critic (it keeps the teacher's text encoder and
+codecs). `teacher_mode` only affects `ode`. It does not run the loop or checkpoint
+(pipeline.trainer).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -100,19 +105,45 @@ class SelfForcingStage:
     name = "self-forcing"
     plot_keys = ["loss/dmd_video", "loss/dmd_audio", "loss/critic"]
 
+    @staticmethod
+    def driver_resources(cfg: Any) -> AbstractContextManager[dict[str, Any]]:
+        """Driver-side hook (pipeline.trainer.run_stage): with `distill.real_score: actors`, the
+        teacher actor pool, alive around fit(); yields what workers get in `WorkerContext.extra`."""
+        if cfg.distill.real_score != "actors":
+            return nullcontext({})
+        from pipeline.distill.real_score import real_score_pool
+
+        return real_score_pool(cfg)
+
     def setup(self, ctx: WorkerContext) -> None:
         self.build(ctx, lambda net, lr=None: make_engine(net.to(ctx.device), ctx.cfg, lr=lr))
 
     def build(self, ctx: WorkerContext, make: Callable[..., Any]) -> None:
         """Networks from the `distill` role entries; `make(net, lr)` wraps one in an engine."""
         cfg, d = ctx.cfg, ctx.cfg.distill
-        self.teacher = roles.load_teacher(d.teacher).to(ctx.device, ctx.dtype)
+        local = d.real_score == "local"
+        self.teacher = roles.load_teacher(d.teacher)
+        # With actors the DiT is only read to initialise the student and critic: it stays on the
+        # CPU, in the compute dtype all the same, so both modes start from the same weights.
+        self.teacher.to(ctx.device if local else "cpu", ctx.dtype)
         self.sigmas = [float(s) for s in d.student_sigmas]
-        self.real = roles.build_role("teacher", None, self.teacher.model, cfg)
+        self.scales = (d.cfg_video, d.cfg_audio)
         self.engine = make(roles.build_role("student", d.student, self.teacher.model, cfg))
         self.critic = make(
             roles.build_role("critic", d.critic, self.teacher.model, cfg), d.critic_lr
         )
+        self.real: AVDiT | None = None
+        self._remote: Any = None
+        if local:
+            self.real = roles.build_role("teacher", None, self.teacher.model, cfg)
+        else:
+            from pipeline.distill.real_score import RealScoreClient
+
+            self._remote = RealScoreClient(ctx.extra, ctx.rank)
+            # The actor scores; keep only the teacher's text encoder and codecs (the DiT's
+            # weights go to the meta device: shapes stay, memory is freed).
+            self.teacher.model.to("meta")
+            self.teacher.text_encoder.to(ctx.device)
         ema = cfg.train.ema
         self._emas = {"student": Ema(self.engine.module, ema.decay)} if ema.enabled else {}
         self.deepspeed = not hasattr(self.engine, "plain")
@@ -140,7 +171,8 @@ class SelfForcingStage:
             1 + cfgm.audio_block_latents * (seconds - 1),
         )
         return {
-            "text": text, "null": null, "seconds": seconds, "prefix": prefix, "fv": fv, "fa": fa,
+            "captions": captions, "text": text, "null": null, "seconds": seconds,
+            "prefix": prefix, "fv": fv, "fa": fa,
             "last": last if ctx.cfg.distill.loss_scope == "last_block" else None,
             "n_tokens": fv * cfgm.video_tokens_per_frame + fa,
         }  # fmt: skip
@@ -158,6 +190,13 @@ class SelfForcingStage:
         nv = flow.randn(xv.shape, g, xv.device, xv.dtype)
         na = flow.randn(xa.shape, g, xa.device, xa.dtype)
         return flow.add_noise(xv, nv, sv), flow.add_noise(xa, na, sa), sv, sa, nv, na
+
+    def real_score(self, xtv, xta, sv, sa, inp: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """The teacher's CFG x0 (video [B,Fv,h,w,C], audio [B,Fa,C]) at x_t and σ [B,Fv], [B,Fa]:
+        on this worker's frozen teacher, or on its actor of the pool (`distill.real_score`)."""
+        if self._remote is not None:
+            return self._remote(xtv, xta, sv, sa, inp["captions"], self.scales)
+        return guided_x0(self.real, xtv, xta, sv, sa, inp["text"], inp["null"], self.scales)
 
     # ---- updates --------------------------------------------------------------------------------
     def critic_update(self, inp: dict[str, Any], g: torch.Generator, ctx: WorkerContext) -> float:
@@ -186,9 +225,7 @@ class SelfForcingStage:
         xv, xa = self._sample(inp, g, exit_step)  # gradient through each block's exit step
         xtv, xta, sv, sa, _, _ = self._noised(xv.detach(), xa.detach(), inp, g, ctx)
         with torch.no_grad():
-            rv, ra = guided_x0(
-                self.real, xtv, xta, sv, sa, inp["text"], inp["null"], (d.cfg_video, d.cfg_audio)
-            )
+            rv, ra = self.real_score(xtv, xta, sv, sa, inp)
             fvel_v, fvel_a = self.critic.module(xtv, xta, sv, sa, *inp["text"])
             fv, fa = flow.x0_from_velocity(xtv, fvel_v, sv), flow.x0_from_velocity(xta, fvel_a, sa)
         v0, a0 = inp["last"] or (0, 0)  # supervised frames: the last block or the whole clip
