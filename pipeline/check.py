@@ -176,6 +176,9 @@ def check_resources(cfg: JobConfig, address: str | None = None) -> list[Line]:
     sc = cfg.scaling
     need_cpu = sc.num_workers * sc.cpus_per_worker
     need_gpu = sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0.0
+    d = cfg.distill
+    if "actors" in (d.teacher_mode, d.real_score):  # teacher actors run beside the trainers
+        need_gpu += d.actors * d.actor_gpus
     mem_gib = res["memory"] / 2**30
     lines = [
         Line(
@@ -187,7 +190,8 @@ def check_resources(cfg: JobConfig, address: str | None = None) -> list[Line]:
         Line(
             "gpus",
             need_gpu <= res["GPU"],
-            f"need {need_gpu:g} (scaling.use_gpu={sc.use_gpu}), have {res['GPU']:g} ({source})",
+            f"need {need_gpu:g} (scaling.use_gpu={sc.use_gpu}, distill.actor_gpus="
+            f"{d.actor_gpus:g}), have {res['GPU']:g} ({source})",
         ),
     ]
     return lines

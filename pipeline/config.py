@@ -153,6 +153,9 @@ class DistillSection(_Strict):
     real_score: Literal["local", "actors"] = "local"
     actors: int = Field(default=1, ge=1)  # teacher actor pool size (teacher_mode / real_score)
     actor_cpus: float = Field(default=0.5, gt=0.0)  # logical CPUs per teacher actor
+    # GPUs per teacher actor (Ray num_gpus, fractions share a card): > 0 runs the teacher on
+    # CUDA in bf16; 0 keeps it on the actor's CPU in fp32 with one thread.
+    actor_gpus: float = Field(default=0.0, ge=0.0)
     actor_batch_size: int = Field(default=2, ge=1)  # rows per map_batches call
     trajectory_cache: str | None = None  # folder of trajectory shards (None: stream, no cache)
     ode_weight_video: float = Field(default=1.0, ge=0.0)  # ODE regression loss weights (V1)
@@ -203,6 +206,9 @@ _RESUME_FREE = (
     # Where the DMD real score runs (same teacher, same CFG). Free also so that adding the key
     # left the fingerprints of configs written before it unchanged.
     "distill.real_score",
+    # Where the teacher actors compute (same teacher, same CFG; bf16 vs fp32 only moves rounding).
+    # Free also so that adding the key left existing fingerprints unchanged.
+    "distill.actor_gpus",
     "storage",
     "mlflow",
 )

@@ -219,7 +219,10 @@ def ensure_ray(cfg: JobConfig) -> None:
     """Attach to $RAY_ADDRESS (a cluster job) or start a local instance with enough logical CPUs.
 
     On a small box the workers' fractional CPUs plus Ray Data tasks must fit, so the local
-    instance over-provisions logical CPUs (they are a scheduling unit, not a core count).
+    instance over-provisions logical CPUs (they are a scheduling unit, not a core count). GPUs
+    are not: Ray detects the real cards and hands each GPU worker or teacher actor one of them
+    through CUDA_VISIBLE_DEVICES, so invented ones would be devices that do not exist
+    (`omniforcing check` compares what the job asks for with what there is).
     """
     import ray
 

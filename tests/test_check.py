@@ -115,3 +115,14 @@ def test_resources_beyond_the_machine_fail(tmp_path) -> None:
     lines = _by_name(run_checks(cfg))
     assert not lines["cpus"].ok and "need 64 x 0.5 = 32" in lines["cpus"].detail
     assert not lines["gpus"].ok and "need 64" in lines["gpus"].detail
+
+
+def test_teacher_actor_gpus_count_towards_the_gpus(tmp_path) -> None:
+    from pipeline.check import check_resources
+    from pipeline.config import load_config
+
+    sets = ["distill.real_score=actors", "distill.actors=3", "distill.actor_gpus=0.5"]
+    gpus = _by_name(check_resources(load_config(None, sets)))["gpus"]
+    assert "need 1.5 " in gpus.detail and "distill.actor_gpus=0.5" in gpus.detail
+    local = _by_name(check_resources(load_config(None, sets[1:])))["gpus"]  # no actor mode
+    assert "need 0 " in local.detail

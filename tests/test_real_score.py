@@ -159,3 +159,35 @@ def test_worker_extra_from_loop_cfg_reaches_the_context(
     ctx = trainer._context(cfg, {"config": cfg.to_dict(), "worker_extra": extra})
     assert ctx.extra == extra and ctx.rank == 1
     assert trainer._context(cfg).extra == {}
+
+
+def test_actor_gpus_key_is_checked_and_resume_free(tiny_teacher_dir: Path) -> None:
+    from pipeline.config import ConfigError, fingerprint, load_config, resume_diff
+
+    with pytest.raises(ConfigError, match=r"distill\.actor_gpus: .*-1"):
+        distill_config(tiny_teacher_dir, distill={"actor_gpus": -1})
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(configs.glob("*.yaml")):
+        cfg = load_config(path)
+        before_key = cfg.to_dict()  # a config written before the key existed
+        del before_key["distill"]["actor_gpus"]
+        moved = load_config(path, ["distill.actor_gpus=0.5"])
+        assert fingerprint(cfg) == fingerprint(before_key) == fingerprint(moved), path.name
+        assert resume_diff(before_key, moved) == []
+    assert load_config(configs / "ltx2.yaml").distill.actor_gpus == 1
+
+
+def test_actor_placement_cpu_and_gpu() -> None:
+    from pipeline.distill.roles import actor_placement
+
+    torch.set_num_threads(2)  # the one_thread fixture restores it
+    assert actor_placement(0.0) == (torch.device("cpu"), torch.float32)
+    assert torch.get_num_threads() == 1  # CPU actors share the box's cores
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"distill\.actor_gpus=0\.5: .*no CUDA device"):
+            actor_placement(0.5)
+        return
+    torch.set_num_threads(2)
+    device, dtype = actor_placement(1.0)
+    assert device.type == "cuda" and torch.get_num_threads() == 2  # threads left alone
+    assert dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)

@@ -3,7 +3,8 @@
 - `RealScoreActor`: holds the frozen teacher Bundle (loaded once); `x0(xv, xa, sv, sa, captions,
   scales)` returns the teacher's CFG x0 via `trajectories.guided_x0`, with text from the
   teacher's own encoder and "" as the null caption. numpy float32 in and out (never pickled
-  torch modules); it computes in fp32 on CPU with one intra-op thread.
+  torch modules); with `distill.actor_gpus` > 0 it computes on its GPU in bf16, else in fp32 on
+  CPU with one intra-op thread (`roles.actor_placement`).
 - `real_score_pool(cfg)`: driver side. Starts `distill.actors` actors with unique names, waits
   until each has its teacher, yields what the workers need to find them (`WorkerContext.extra`)
   and kills them when the block exits, failure included.
@@ -38,14 +39,12 @@ def _tensor(x: np.ndarray) -> torch.Tensor:
 class RealScoreActor:
     """Ray actor body (a plain class, so it also runs in-process): the frozen teacher's x0."""
 
-    def __init__(self, teacher: str) -> None:
-        from pipeline.distill.roles import load_teacher
+    def __init__(self, teacher: str, gpus: float = 0.0) -> None:
+        from pipeline.distill.roles import load_actor_teacher
 
-        torch.set_num_threads(1)  # actors share the box's cores with trainers and data tasks
-        self.bundle = load_teacher(teacher)
-        for p in self.bundle.model.parameters():
-            p.requires_grad_(False)
-        self.bundle.model.eval()
+        self.bundle = load_actor_teacher(teacher, gpus)  # frozen; device/dtype from `gpus`
+        p = next(self.bundle.model.parameters())
+        self.device, self.dtype = p.device, p.dtype
 
     def ready(self) -> bool:
         return True
@@ -63,11 +62,13 @@ class RealScoreActor:
         """x_t video [B,Fv,h,w,C], audio [B,Fa,C], σ [B,Fv], [B,Fa] → CFG x0 (same shapes)."""
         enc = self.bundle.text_encoder
         text, null = enc([str(c) for c in captions]), enc([""])
-        x0v, x0a = guided_x0(
-            self.bundle.model, _tensor(xv), _tensor(xa), _tensor(sv), _tensor(sa),
+        dev, dt = self.device, self.dtype
+        x0v, x0a = guided_x0(  # latents in the teacher's dtype, σ in fp32 (as the sampler does)
+            self.bundle.model, _tensor(xv).to(dev, dt), _tensor(xa).to(dev, dt),
+            _tensor(sv).to(dev), _tensor(sa).to(dev),
             text, null, (float(scales[0]), float(scales[1])),
         )  # fmt: skip
-        return x0v.float().numpy(), x0a.float().numpy()
+        return x0v.float().cpu().numpy(), x0a.float().cpu().numpy()
 
 
 @contextmanager
@@ -88,9 +89,10 @@ def real_score_pool(cfg: Any) -> Iterator[dict[str, Any]]:
     try:
         for name in names:
             opts = dict(name=name, namespace=namespace, num_cpus=d.actor_cpus)
+            opts |= dict(num_gpus=d.actor_gpus)
             # x0 is a pure function of its inputs, so a restarted actor may safely redo a call.
             opts |= dict(max_restarts=2, max_task_retries=2)
-            actors.append(remote.options(**opts).remote(d.teacher))
+            actors.append(remote.options(**opts).remote(d.teacher, d.actor_gpus))
         _wait_ready(actors, d)
         yield {NAMES_KEY: names, NAMESPACE_KEY: namespace}
     finally:
@@ -107,8 +109,9 @@ def _wait_ready(actors: list[Any], d: Any) -> None:
     except GetTimeoutError:
         raise RuntimeError(
             f"distill.real_score=actors: {d.actors} actor(s) (distill.actors) with "
-            f"distill.actor_cpus={d.actor_cpus} each did not start within {READY_TIMEOUT_S:.0f} s "
-            "(too few CPUs in the cluster, or a slow teacher download?)"
+            f"distill.actor_cpus={d.actor_cpus} and distill.actor_gpus={d.actor_gpus} each did "
+            f"not start within {READY_TIMEOUT_S:.0f} s (too few CPUs/GPUs in the cluster, or a "
+            "slow teacher download?)"
         ) from None
     except RayActorError as err:
         raise RuntimeError(

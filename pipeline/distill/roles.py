@@ -54,6 +54,33 @@ def load_teacher(ref: str | None) -> Bundle:
     return bundle
 
 
+def actor_placement(gpus: float) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) of a teacher actor given its Ray `num_gpus` (`distill.actor_gpus`).
+
+    > 0: the GPU Ray assigned (CUDA_VISIBLE_DEVICES makes it `cuda`), bf16 where the card has it,
+    torch threads left at their default. 0: CPU fp32 with one intra-op thread, since the actors
+    share the box's cores with trainers and data tasks. Call it inside the actor.
+    """
+    if gpus <= 0:
+        torch.set_num_threads(1)
+        return torch.device("cpu"), torch.float32
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"distill.actor_gpus={gpus}: the teacher actor sees no CUDA device "
+            "(CPU-only torch build, or no GPU visible to the actor?)"
+        )
+    return torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_actor_teacher(ref: str | None, gpus: float) -> Bundle:
+    """The frozen teacher for a Ray actor (trajectory scorer, real score), placed by
+    `actor_placement`: DiT in its dtype on its device, text encoder on the device (fp32)."""
+    device, dtype = actor_placement(gpus)
+    bundle = load_teacher(ref)
+    _freeze(bundle.model)
+    return bundle.to(device, dtype)
+
+
 def role_config(kind: RoleKind, teacher_cfg: Any, cfg: JobConfig) -> Any:
     """The ModelConfig of a role: the teacher's geometry; the student causal with its sinks."""
     if kind != "student":

@@ -5,7 +5,8 @@
   clean end: video [B, K+1, Fv, h, w, C], audio [B, K+1, Fa, C], σ [K+1] (last = 0).
 - `guided_x0`: the teacher's CFG x0 at per-frame σ (the DMD real score uses it too).
 - `TeacherScorer` + `score_dataset`: `map_batches` over an `ActorPoolStrategy` pool holding the
-  teacher; rows gain `traj_video`, `traj_audio`, `traj_sigmas` (streamed into the trainers).
+  teacher (`distill.actor_gpus` each: GPU bf16, or CPU fp32 when 0); rows gain `traj_video`,
+  `traj_audio`, `traj_sigmas` (streamed into the trainers).
 - Trajectory shards: webdataset tars of `<key>.safetensors` + `<key>.json` under
   `<root>/teacher-<sha256 of model.safetensors>/sigmas-<list>/`, written atomically, so a repeated
   or resumed job reuses them. Never pickles. No training and no losses live here.
@@ -121,12 +122,17 @@ class TeacherScorer:
     """Ray Data actor: holds the frozen teacher; adds its ODE trajectory to each row."""
 
     def __init__(
-        self, teacher: str, sigmas: Sequence[float], steps: int, scales: Sequence[float], seed: int
+        self,
+        teacher: str,
+        sigmas: Sequence[float],
+        steps: int,
+        scales: Sequence[float],
+        seed: int,
+        gpus: float = 0.0,
     ) -> None:
-        from pipeline.distill.roles import load_teacher
+        from pipeline.distill.roles import load_actor_teacher
 
-        torch.set_num_threads(1)
-        self.bundle = load_teacher(teacher)
+        self.bundle = load_actor_teacher(teacher, gpus)  # frozen; device/dtype from `gpus`
         self.sigmas, self.steps = list(sigmas), steps
         self.scales, self.seed = (float(scales[0]), float(scales[1])), seed
 
@@ -163,9 +169,11 @@ def score_dataset(ds: Any, cfg: Any) -> Any:
             "steps": d.teacher_steps,
             "scales": [d.ode_cfg_video, d.ode_cfg_audio],
             "seed": cfg.train.seed,
+            "gpus": d.actor_gpus,
         },
         compute=ActorPoolStrategy(size=d.actors),
         num_cpus=d.actor_cpus,
+        num_gpus=d.actor_gpus,
         batch_size=d.actor_batch_size,
         batch_format="numpy",
     )
