@@ -137,6 +137,9 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     import ray.train
 
     cfg = validate(loop_cfg["config"], source="train_loop_config")
+    threads = cpu_threads(cfg)
+    if threads is not None:  # OMP_NUM_THREADS may come after torch sized its pool
+        torch.set_num_threads(threads)
     ctx = _context(cfg, loop_cfg)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     stage = get_stage(loop_cfg["stage"])()
@@ -313,24 +316,35 @@ def random_rows(cfg: JobConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def cpu_threads(cfg: JobConfig) -> int | None:
+    """Intra-op threads of a CPU worker: its whole logical CPUs (a fraction gets 1); None on GPU
+    workers (torch's default)."""
+    sc = cfg.scaling
+    return None if sc.use_gpu else max(1, int(sc.cpus_per_worker))
+
+
+def worker_env(cfg: JobConfig, tracking_uri: str) -> dict[str, str]:
+    """Environment of every Ray Train worker process."""
+    cpu = not cfg.scaling.use_gpu
+    env = {"OMP_NUM_THREADS": str(cpu_threads(cfg)), "DS_ACCELERATOR": "cpu"} if cpu else {}
+    # Workers resolve models:/ and runs:/ references (teacher, ODE student) against the job's
+    # tracking server, not whatever default the worker process would pick.
+    return env | {"MLFLOW_TRACKING_URI": tracking_uri}
+
+
 def _trainer(cfg: JobConfig, loop_cfg: dict[str, Any], ray_name: str, storage: ck.Storage) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     sc = cfg.scaling
     res = {"CPU": sc.cpus_per_worker} | ({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})
-    env = {"OMP_NUM_THREADS": "1"} if not sc.use_gpu else {}
-    env |= {"DS_ACCELERATOR": "cpu"} if not sc.use_gpu else {}
-    # Workers resolve models:/ and runs:/ references (teacher, ODE student) against the job's
-    # tracking server, not whatever default the worker process would pick.
-    env |= {"MLFLOW_TRACKING_URI": loop_cfg["tracking_uri"]}
     run_config = RunConfig(
         name=ray_name,
         storage_path=storage.path,
         storage_filesystem=storage.filesystem,
         failure_config=FailureConfig(max_failures=sc.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-        worker_runtime_env={"env_vars": env},
+        worker_runtime_env={"env_vars": worker_env(cfg, loop_cfg["tracking_uri"])},
     )
     return TorchTrainer(
         train_loop,
