@@ -5,7 +5,8 @@ Starts a local S3 endpoint (moto_server on a free port), writes synthetic shards
   plain  : `data.reader.iter_samples` in this process (decode; decode + codec encode)
   ray    : `data.ray_data.build_dataset` / `latent_dataset` on a local Ray with 1 and 2 CPUs
 and prints the figures with ray/plain ratios. Each Ray figure is the best of `--repeats` runs
-(the first run pays for worker start-up; that time is printed separately).
+(the first run pays for worker start-up; that time is printed separately). `run(...)` returns the
+figures (used by `omniforcing bench`); `main()` prints them.
 
 Usage: python benchmarks/data.py [--clips 16] [--seconds 5.04] [--repeats 2]
 Deliberately not a test: it asserts nothing and is not run by the suite.
@@ -20,18 +21,24 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run as a script: import from the repo root, not from this folder
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+_AWS_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 
 def _start_s3() -> tuple[subprocess.Popen, str]:
     import boto3
 
-    from tests.fixtures.s3 import _free_port, _wait_up
+    from tests.fixtures import free_port
+    from tests.fixtures.s3 import _wait_up
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         ["moto_server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -101,6 +108,40 @@ def _ray(path: str, codec_dir: str, clips: int, cpus: int, repeats: int) -> dict
         ray.shutdown()
 
 
+def run(clips: int = 16, seconds: float = 5.04, shard_size: int = 4, repeats: int = 2) -> dict:
+    """samples/s of each pipeline on the same shards, and each one's ratio to the plain loop."""
+    import torch
+
+    from data.reader import iter_samples
+    from data.shards import synth
+    from model.codecs import fit_codecs, save_codecs
+
+    threads, env = torch.get_num_threads(), dict(os.environ)
+    torch.set_num_threads(1)  # the plain loop gets one core, like one Ray CPU
+    proc, url = _start_s3()
+    try:
+        path = "s3://bench/shards"
+        synth(path, clips, seconds=seconds, shard_size=shard_size, seed=0)
+        codec_dir = tempfile.mkdtemp(prefix="bench-codec-")
+        save_codecs(codec_dir, *fit_codecs((s.frames, s.audio) for s in iter_samples(path)))
+        rows = {"plain 1 process": _plain(path, codec_dir, clips)}
+        for cpus in (1, 2):
+            rows[f"ray {cpus} CPU"] = _ray(path, codec_dir, clips, cpus, repeats)
+    finally:
+        proc.terminate()
+        torch.set_num_threads(threads)
+        # Later suites in the same process must not talk to the stopped S3 endpoint.
+        for key in _AWS_KEYS:
+            os.environ.pop(key, None)
+            if key in env:
+                os.environ[key] = env[key]
+    plain = rows["plain 1 process"]
+    for r in rows.values():
+        for kind in ("decode", "decode+encode"):
+            r[f"{kind} ratio"] = r[kind] / plain[kind]
+    return {"clips": clips, "seconds": seconds, "shard_size": shard_size, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clips", type=int, default=16)
@@ -108,33 +149,14 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-
-    import torch
-
-    from data.reader import iter_samples
-    from data.shards import synth
-    from model.codecs import fit_codecs, save_codecs
-
-    torch.set_num_threads(1)
-    proc, url = _start_s3()
-    try:
-        path = "s3://bench/shards"
-        synth(path, args.clips, seconds=args.seconds, shard_size=args.shard_size, seed=0)
-        codec_dir = tempfile.mkdtemp(prefix="bench-codec-")
-        save_codecs(codec_dir, *fit_codecs((s.frames, s.audio) for s in iter_samples(path)))
-        print(f"{args.clips} clips of {args.seconds} s, shards of {args.shard_size}, S3 at {url}")
-        plain = _plain(path, codec_dir, args.clips)
-        rows = [("plain 1 process", plain)]
-        for cpus in (1, 2):
-            rows.append((f"ray {cpus} CPU", _ray(path, codec_dir, args.clips, cpus, args.repeats)))
-    finally:
-        proc.terminate()
+    out = run(args.clips, args.seconds, args.shard_size, args.repeats)
+    print(f"{args.clips} clips of {args.seconds} s, shards of {args.shard_size}")
     print(f"{'':18}{'decode/s':>10}{'ratio':>8}{'dec+enc/s':>11}{'ratio':>8}{'1st run s':>11}")
-    for name, r in rows:
+    for name, r in out["rows"].items():
         first = r.get("decode first-run s")
         print(
-            f"{name:18}{r['decode']:10.2f}{r['decode'] / plain['decode']:8.2f}"
-            f"{r['decode+encode']:11.2f}{r['decode+encode'] / plain['decode+encode']:8.2f}"
+            f"{name:18}{r['decode']:10.2f}{r['decode ratio']:8.2f}"
+            f"{r['decode+encode']:11.2f}{r['decode+encode ratio']:8.2f}"
             f"{(f'{first:.1f}' if first else '-'):>11}"
         )
 

@@ -5,7 +5,8 @@ under concurrency. All figures come from one run on one machine, so the ratios a
 
 Prints time to first chunk (TTFC) and mean per-chunk interval in-process and over HTTP with their
 ratio (the serving overhead), then aggregate generated FPS at each concurrency. `--json PATH`
-also writes the figures. It measures; it asserts nothing (tests/test_serve.py does).
+also writes the figures. It measures; it asserts nothing (tests/test_serve.py does). `run(...)`
+returns the figures (used by `omniforcing bench`); `main()` prints them.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+if not __package__:  # run as a script: import from the repo root, not from this folder
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 
 def _best(runs: list[list[float]]) -> dict[str, float]:
@@ -82,6 +87,54 @@ def _concurrent(url: str, n: int, seconds: int) -> dict[str, float]:
     }
 
 
+def run(
+    model: str = "tiny",
+    seconds: int = 3,
+    streams: tuple[int, ...] = (1, 2, 4),
+    port: int = 18765,
+    repeats: int = 3,
+) -> dict:
+    """TTFC and per-chunk time in-process vs over HTTP, then aggregate FPS per concurrency."""
+    path = model
+    if model == "tiny":
+        from model.testing import tiny_bundle
+
+        path = str(Path(tempfile.mkdtemp()) / "tiny-student")
+        tiny_bundle(seed=0).save_pretrained(path)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        local = _in_process(path, seconds, seed=1, repeats=repeats)
+    finally:
+        torch.set_num_threads(threads)  # _in_process pins one thread, like a Serve replica
+    import ray
+    from ray import serve
+
+    from deploy.cli import start_serve
+
+    # No address: start_serve starts its own local Ray, never joins one already running here.
+    start_serve(
+        path, port=port, max_streams=max(streams), max_seconds=seconds, replica_cpus=0.5, num_cpus=8
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        remote = _http(url, seconds, seed=1, repeats=repeats)
+        conc = [_concurrent(url, n, seconds) for n in streams]
+    finally:
+        serve.shutdown()
+        ray.shutdown()  # the local Ray start_serve started for this run
+    return {
+        "model": model,
+        "seconds": seconds,
+        "in_process": local,
+        "http": remote,
+        "overhead_ttfc": remote["ttfc_s"] / local["ttfc_s"],
+        "overhead_chunk": remote["chunk_s"] / local["chunk_s"],
+        "concurrency": conc,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny", help="bundle dir, models:/…, or tiny (random)")
@@ -91,49 +144,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per path; the fastest counts")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    levels = [int(x) for x in args.streams.split(",")]
-    model = args.model
-    if model == "tiny":
-        from model.testing import tiny_bundle
-
-        model = str(Path(tempfile.mkdtemp()) / "tiny-student")
-        tiny_bundle(seed=0).save_pretrained(model)
-
-    local = _in_process(model, args.seconds, seed=1, repeats=args.repeats)
-    from ray import serve
-
-    from deploy.cli import start_serve
-
-    start_serve(
-        model,
-        port=args.port,
-        max_streams=max(levels),
-        max_seconds=args.seconds,
-        replica_cpus=0.5,
-        num_cpus=8,
-    )
-    url = f"http://127.0.0.1:{args.port}"
-    try:
-        remote = _http(url, args.seconds, seed=1, repeats=args.repeats)
-        conc = [_concurrent(url, n, args.seconds) for n in levels]
-    finally:
-        serve.shutdown()
-    out = {
-        "model": args.model,
-        "seconds": args.seconds,
-        "in_process": local,
-        "http": remote,
-        "overhead_ttfc": remote["ttfc_s"] / local["ttfc_s"],
-        "overhead_chunk": remote["chunk_s"] / local["chunk_s"],
-        "concurrency": conc,
-    }
+    levels = tuple(int(x) for x in args.streams.split(","))
+    out = run(args.model, args.seconds, levels, args.port, args.repeats)
     print(f"{'':14}{'TTFC ms':>10}{'chunk ms':>10}{'total s':>9}")
-    for name, r in (("in-process", local), ("HTTP (Serve)", remote)):
+    for name, r in (("in-process", out["in_process"]), ("HTTP (Serve)", out["http"])):
         print(f"{name:14}{r['ttfc_s'] * 1e3:10.1f}{r['chunk_s'] * 1e3:10.1f}{r['total_s']:9.2f}")
     print(
         f"overhead ratio: TTFC x{out['overhead_ttfc']:.2f}, per chunk x{out['overhead_chunk']:.2f}"
     )
-    for c in conc:
+    for c in out["concurrency"]:
         print(
             f"{c['streams']} streams: aggregate {c['aggregate_fps']:.1f} FPS, "
             f"mean TTFC {c['mean_ttfc_s'] * 1e3:.0f} ms, real-time factor/stream {c['rtf_per_stream']:.2f}"

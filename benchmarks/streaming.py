@@ -7,6 +7,7 @@ Every figure that matters is a ratio of two timings measured side by side in thi
     clip, next to the FLOP ratio 40·P/(K+1) (P = 2 passes per teacher step with CFG);
   - on CUDA (ltx2 preset, random bf16 weights): FPS after the first chunk, time to first chunk,
     peak memory, MFU.
+`run(...)` returns the figures (used by `omniforcing bench`); `main()` prints them.
 Usage: python benchmarks/streaming.py --preset tiny demo [--device cuda --preset ltx2] [--json out]
 """
 
@@ -14,9 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
+
+if not __package__:  # run as a script: import from the repo root, not from this folder
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
@@ -25,6 +30,15 @@ from model.sampling import guided_velocity
 from model.streaming import rollout_blocks
 
 K_STEPS = len(flow.DEFAULT_STUDENT_SIGMAS)
+TEACHER_STEPS = 40
+CFG_PASSES = 2  # cond + uncond per teacher step
+# Dense peak FLOP/s (bf16 tensor cores, fp32 without) by GPU name; unknown GPUs count as H100 SXM.
+PEAK_FLOPS = {
+    "H100 PCIe": {torch.bfloat16: 756e12, torch.float32: 51e12},
+    "H100": {torch.bfloat16: 989e12, torch.float32: 67e12},
+    "H200": {torch.bfloat16: 989e12, torch.float32: 67e12},
+    "A100": {torch.bfloat16: 312e12, torch.float32: 19.5e12},
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -32,9 +46,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _model(name: str, device, dtype, causal=True) -> AVDiT:
+def _model(name: str, device: torch.device, dtype: torch.dtype, causal: bool = True) -> AVDiT:
+    # Built on the target device in the target dtype: an ltx2 model built on the CPU in fp32
+    # first would need 75 GB of host memory and minutes of CPU initialisation.
     torch.manual_seed(0)
-    return AVDiT(preset(name, causal=causal)).to(device=device, dtype=dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = AVDiT(preset(name, causal=causal))
+    finally:
+        torch.set_default_dtype(default)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def _text(model: AVDiT, device, dtype):
@@ -81,7 +104,7 @@ def recompute_block_time(model, block, device, dtype, repeats=3) -> float:
 
 
 @torch.no_grad()
-def teacher_clip_time(name, seconds, device, dtype, steps=40) -> float:
+def teacher_clip_time(name, seconds, device, dtype, steps=TEACHER_STEPS) -> float:
     teacher = _model(name, device, dtype, causal=False)
     emb, mask = _text(teacher, device, dtype)
     null = (torch.zeros_like(emb), None)
@@ -115,75 +138,124 @@ def forward_flops(
     return per_layer * cfg.layers
 
 
-def run_preset(name: str, device: torch.device, dtype, long_blocks: int, window: int) -> dict:
-    model = _model(name, device, dtype)
+def _flat_cost(model: AVDiT, blocks: int, window: int, device, dtype) -> dict:
+    """Per-block latency at block 5 vs block `blocks - 2` of one clip with a rolling window."""
+    if blocks < 12:  # block 5's median window (blocks 3..7) must not overlap the late one
+        raise ValueError(f"--blocks must be ≥ 12, got {blocks}")
+    times = block_times(model, blocks, (window, window), device, dtype)
+    early, late = statistics.median(times[3:8]), statistics.median(times[-5:])
+    return {
+        "early_block": 5,
+        "late_block": blocks - 2,
+        "early_s": early,
+        "late_s": late,
+        "ratio_late_vs_early": late / early,
+    }
+
+
+def _cache_vs_recompute(model: AVDiT, block: int, device, dtype) -> dict:
+    """The block at `block` s from the KV cache vs recomputing every earlier block."""
+    cached = statistics.median(block_times(model, block, (None, None), device, dtype)[-3:])
+    recompute = recompute_block_time(model, block, device, dtype)
+    return {
+        "cache_block": block,
+        "cached_s": cached,
+        "recompute_s": recompute,
+        "recompute_over_cached": recompute / cached,
+    }
+
+
+def _student_clip(model: AVDiT, device, dtype) -> dict:
+    """A finished 5 s clip streamed block by block; peak memory is this stream's alone."""
     cfg = model.cfg
-    out: dict = {"preset": name, "device": str(device), "dtype": str(dtype).replace("torch.", "")}
-    times = block_times(model, long_blocks, (window, window), device, dtype)
-    early = statistics.median(times[3:8])
-    late = statistics.median(times[-5:])
-    out["block_latency_s"] = {"block5": early, "block50": late, "ratio_50_vs_5": late / early}
-    cached20 = statistics.median(block_times(model, 20, (None, None), device, dtype)[18:21])
-    recompute20 = recompute_block_time(model, 20, device, dtype)
-    out["block20_cached_s"], out["block20_recompute_s"] = cached20, recompute20
-    out["recompute_over_cached"] = recompute20 / cached20
-    tokens_per_block = (
-        cfg.video_block_latents * cfg.video_tokens_per_frame + cfg.audio_block_latents
-    )
-    out["tokens_per_s"] = tokens_per_block * (K_STEPS + 1) / late
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     clip = block_times(model, 5, (None, None), device, dtype)
-    student5 = sum(clip)
-    teacher5 = teacher_clip_time(name, 5, device, dtype)
-    out["student_5s_s"], out["teacher_5s_s"] = student5, teacher5
-    out["speedup_teacher_over_student"] = teacher5 / student5
-    out["flop_ratio_40P_over_K1"] = 40 * 2 / (K_STEPS + 1)
-    out["speedup_share_of_flop_ratio"] = (
-        out["speedup_teacher_over_student"] / out["flop_ratio_40P_over_K1"]
-    )
-    out["time_to_first_chunk_s"] = clip[0] + clip[1]  # prefix + first second
-    out["fps_after_first_chunk"] = cfg.fps * 4 / sum(clip[2:])
-    out["realtime_factor"] = 5.0 / student5
+    out = {
+        "student_5s_s": sum(clip),
+        "time_to_first_chunk_s": clip[0] + clip[1],  # prefix + first second
+        "fps_after_first_chunk": cfg.fps * 4 / sum(clip[2:]),
+        "realtime_factor": 5.0 / sum(clip),
+    }
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        nvt = cfg.video_block_latents * cfg.video_tokens_per_frame
-        flops = forward_flops(model, nvt, cfg.audio_block_latents, nvt * window, 25 * window)
-        peak = 989e12 if dtype == torch.bfloat16 else 67e12  # H100 SXM dense
-        out["mfu"] = flops * (K_STEPS + 1) / late / peak
     return out
 
 
-def machine() -> dict:
-    info = {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads()}
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    name = torch.cuda.get_device_name(device)
+    gpu = next((k for k in PEAK_FLOPS if k in name), "H100")  # first match: "H100 PCIe" first
+    return PEAK_FLOPS[gpu][dtype]
+
+
+def _mfu(model: AVDiT, late_s: float, window: int, peak: float) -> float:
+    """Model FLOPs utilisation of a late block (K denoise calls + the commit call)."""
+    cfg = model.cfg
+    nvt = cfg.video_block_latents * cfg.video_tokens_per_frame
+    kv_audio = cfg.audio_block_latents * window
+    flops = forward_flops(model, nvt, cfg.audio_block_latents, nvt * window, kv_audio)
+    return flops * (K_STEPS + 1) / late_s / peak
+
+
+def run_preset(
+    name: str, device: torch.device, dtype, long_blocks: int, window: int, cache_block: int = 20
+) -> dict:
+    model = _model(name, device, dtype)
+    cfg = model.cfg
+    out: dict = {"preset": name, "device": str(device), "dtype": str(dtype).replace("torch.", "")}
+    out["params"] = model.param_counts()["total"]
+    out["block_latency_s"] = flat = _flat_cost(model, long_blocks, window, device, dtype)
+    out.update(_cache_vs_recompute(model, cache_block, device, dtype))
+    tokens_per_block = cfg.video_block_latents * cfg.video_tokens_per_frame
+    tokens_per_block += cfg.audio_block_latents
+    out["tokens_per_s"] = tokens_per_block * (K_STEPS + 1) / flat["late_s"]
+    out.update(_student_clip(model, device, dtype))
+    if device.type == "cuda":
+        out["peak_flops"] = peak_flops(device, dtype)
+        out["mfu"] = _mfu(model, flat["late_s"], window, out["peak_flops"])
+    del model  # an ltx2 student and teacher do not fit on one GPU together
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    out["teacher_5s_s"] = teacher_clip_time(name, 5, device, dtype)
+    out["speedup_teacher_over_student"] = out["teacher_5s_s"] / out["student_5s_s"]
+    out["flop_ratio_40P_over_K1"] = TEACHER_STEPS * CFG_PASSES / (K_STEPS + 1)
+    out["speedup_share_of_flop_ratio"] = (
+        out["speedup_teacher_over_student"] / out["flop_ratio_40P_over_K1"]
+    )
+    return out
+
+
+def run(
+    presets: list[str],
+    device: str = "cpu",
+    blocks: int = 52,
+    window: int = 5,
+    cache_block: int = 20,
+) -> dict:
+    """All figures for each preset, measured in this one process (bf16 on CUDA, else fp32)."""
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    runs = [run_preset(name, dev, dtype, blocks, window, cache_block) for name in presets]
+    return {"blocks": blocks, "window": window, "runs": runs}
 
 
 def main() -> None:
+    from benchmarks.report import machine
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--preset", nargs="+", default=["tiny", "demo"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--blocks", type=int, default=52, help="clip length for the flat-cost test")
     ap.add_argument("--window", type=int, default=5, help="rolling window (blocks) per modality")
+    ap.add_argument("--cache-block", type=int, default=20, help="block for cache vs recompute")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    results = {"machine": machine(), "runs": []}
-    for name in args.preset:
-        r = run_preset(name, device, dtype, args.blocks, args.window)
-        results["runs"].append(r)
+    results = {"machine": machine()}
+    results.update(run(args.preset, args.device, args.blocks, args.window, args.cache_block))
+    for r in results["runs"]:
         print(json.dumps(r, indent=2))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

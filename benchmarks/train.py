@@ -6,6 +6,7 @@ Prints two ratios measured in one run:
   2. memory per rank: ZeRO-3 vs ZeRO-2 bytes of this rank's parameter pieces + optimizer state
      (exp_avg, exp_avg_sq and fp32 master partitions), 2 workers, plus peak RSS per rank.
 It does not tune anything; on a shared 2-core box throughput ratios are noisy (run it idle).
+`run(...)` returns the figures (used by `omniforcing bench`); `main()` prints them.
 
     python benchmarks/train.py [--steps 12]
 """
@@ -16,9 +17,14 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parents[1]
+if not __package__:  # run as a script: import from the repo root, not from this folder
+    sys.path[0] = str(ROOT)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -110,47 +116,61 @@ def measure_throughput(cfg: Any) -> float:
     return statistics.median(timed)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=12)
-    args = ap.parse_args()
-
+def run(steps: int = 12) -> dict:
+    """samples/s with 1 and 2 workers, and ZeRO-3 vs ZeRO-2 bytes per rank, on a private local Ray."""
     import ray
 
     from pipeline.config import load_config
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     root = tempfile.mkdtemp(prefix="omni-bench-")
     common = [
-        f"train.steps={args.steps}",
-        f"train.checkpoint_every={args.steps}",
+        f"train.steps={steps}",
+        f"train.checkpoint_every={steps}",
         "train.reliance_every=0",
         "train.plot_every=0",
         f"storage.path={root}",
         "mlflow.experiment=bench",
         "data.random_clips=64",
     ]
-    sps = {}
-    for workers in (1, 2):
-        cfg = load_config("configs/tiny.yaml", [*common, f"scaling.num_workers={workers}"])
-        sps[workers] = measure_throughput(cfg)
-        print(f"samples/s with {workers} worker(s): {sps[workers]:.1f}", flush=True)
-    mem = {}
-    for stage in (2, 3):
-        cfg = load_config("configs/tiny.yaml", [*common, f"train.zero_stage={stage}"])
-        mem[stage] = measure_memory(cfg)
+    config = str(ROOT / "configs" / "tiny.yaml")
+    # address="local": always a new cluster, never one already running on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        sps, mem = {}, {}
+        for workers in (1, 2):
+            cfg = load_config(config, [*common, f"scaling.num_workers={workers}"])
+            sps[workers] = measure_throughput(cfg)
+        for stage in (2, 3):
+            cfg = load_config(config, [*common, f"train.zero_stage={stage}"])
+            mem[stage] = measure_memory(cfg)
+    finally:
+        ray.shutdown()
+    per_rank = {s: sum(p + o for p, o, _ in mem[s]) / len(mem[s]) for s in (2, 3)}
+    return {
+        "steps": steps,
+        "samples_per_s": {"1": sps[1], "2": sps[2]},
+        "ratio_2_over_1": sps[2] / sps[1],
+        "zero_ranks": {str(s): mem[s] for s in (2, 3)},  # [params B, optimizer B, peak RSS B]
+        "zero_bytes_per_rank": {str(s): per_rank[s] for s in (2, 3)},
+        "zero3_over_zero2": per_rank[3] / per_rank[2],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=12)
+    args = ap.parse_args()
+    out = run(args.steps)
+    sps = out["samples_per_s"]
     print(
-        f"samples/s  1 worker: {sps[1]:.1f}   2 workers: {sps[2]:.1f}   ratio 2/1: {sps[2] / sps[1]:.2f}"
+        f"samples/s  1 worker: {sps['1']:.1f}   2 workers: {sps['2']:.1f}   ratio 2/1: {out['ratio_2_over_1']:.2f}"
     )
-    for stage in (2, 3):
-        for rank, (p, o, rss) in enumerate(mem[stage]):
+    for stage, ranks in out["zero_ranks"].items():
+        for rank, (p, o, rss) in enumerate(ranks):
             print(
                 f"ZeRO-{stage} rank {rank}: params {p / 1e3:.1f} kB, optimizer {o / 1e3:.1f} kB, peak RSS {rss / 1e6:.0f} MB"
             )
-    z2 = sum(p + o for p, o, _ in mem[2]) / 2
-    z3 = sum(p + o for p, o, _ in mem[3]) / 2
-    print(f"param+optimizer bytes per rank  ZeRO-3/ZeRO-2: {z3 / z2:.2f}")
-    ray.shutdown()
+    print(f"param+optimizer bytes per rank  ZeRO-3/ZeRO-2: {out['zero3_over_zero2']:.2f}")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,11 @@ FORBIDDEN = {
         "numpy",
         "av",
         "fastapi",
+        "benchmarks",
     },
-    "data": {"pipeline", "deploy"},
-    "pipeline": {"deploy"},
+    "data": {"pipeline", "deploy", "benchmarks"},
+    "pipeline": {"deploy", "benchmarks"},
+    "deploy": {"benchmarks"},  # benchmarks is the top layer: only the CLI registers it
 }
 
 

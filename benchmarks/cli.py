@@ -1,0 +1,138 @@
+"""`omniforcing bench`: run the benchmark suites in one process and write benchmarks/RESULTS.md.
+
+Only argument handling and orchestration live here: each suite's measurement code is its own
+module's `run(...)` (benchmarks/<suite>.py), the tables are benchmarks/tables.py, the header and
+the region writing benchmarks/report.py. Suites are imported when they run, so registering this
+command costs the CLI nothing at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+SUITES = ("size", "streaming", "data", "train", "serve")
+# Suite → (full-size kwargs, --quick kwargs) for its `run`. Quick sizes are for tests: the
+# figures are real measurements but too small to quote.
+SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "size": ({}, {}),
+    "streaming": ({"blocks": 52, "cache_block": 20}, {"blocks": 12, "cache_block": 8}),
+    "data": ({}, {"clips": 2, "seconds": 1.04, "shard_size": 2, "repeats": 1}),
+    "train": ({}, {"steps": 3}),
+    "serve": ({}, {"seconds": 1, "streams": (1, 2), "repeats": 1}),
+}
+
+console = Console(stderr=True)
+
+
+def _suites(only: str) -> list[str]:
+    asked = [s.strip() for s in only.split(",") if s.strip()]
+    unknown = sorted(set(asked) - set(SUITES))
+    if unknown or not asked:
+        raise typer.BadParameter(f"unknown suite(s) {unknown}; choose from {','.join(SUITES)}")
+    return [s for s in SUITES if s in asked]
+
+
+def _presets(preset: str | None, quick: bool, device: str) -> list[str]:
+    from model.config import PRESETS
+
+    if preset is None:  # ltx2 only makes sense on a GPU; the CPU gets the small presets
+        names = ["tiny"] if quick else ["ltx2"] if device.startswith("cuda") else ["tiny", "demo"]
+    else:
+        names = [p.strip() for p in preset.split(",") if p.strip()]
+    bad = [p for p in names if p not in PRESETS]
+    if bad or not names:
+        raise typer.BadParameter(f"unknown preset(s) {bad}; choose from {','.join(PRESETS)}")
+    return names
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise typer.BadParameter("--device cuda, but torch sees no CUDA device")
+    if not device.startswith(("cpu", "cuda")):
+        raise typer.BadParameter(f"--device must be cpu or cuda[:n], got {device!r}")
+
+
+def run_suites(names: list[str], quick: bool, device: str, presets: list[str]) -> dict[str, Any]:
+    """{suite: figures} and {suite: wall seconds}, each suite run in turn in this process."""
+    figures, wall = {}, {}
+    for name in names:
+        kwargs = dict(SETTINGS[name][1 if quick else 0])
+        if name == "streaming":  # the only suite with a device and model-size choice
+            kwargs.update(presets=presets, device=device)
+        console.print(f"bench: {name} …")
+        start = time.perf_counter()
+        figures[name] = importlib.import_module(f"benchmarks.{name}").run(**kwargs)
+        wall[name] = time.perf_counter() - start
+        console.print(f"bench: {name} done in {wall[name]:.1f} s")
+    return {"suites": figures, "wall_s": wall}
+
+
+def _command(names: list[str], quick: bool, device: str, preset: str | None, out: Path,
+             json_out: Path | None) -> str:  # fmt: skip
+    # The options as parsed, so the line reruns exactly this bench whatever the caller typed.
+    parts = ["omniforcing bench", f"--only {','.join(names)}", f"--device {device}"]
+    parts += ["--quick"] if quick else []
+    parts += [f"--preset {preset}"] if preset else []
+    parts += [f"--out {out}"] + ([f"--json {json_out}"] if json_out else [])
+    return " ".join(parts)
+
+
+def bench(
+    only: Annotated[
+        str, typer.Option(help=f"Comma-separated suites to run: {','.join(SUITES)}.")
+    ] = ",".join(SUITES),
+    quick: Annotated[
+        bool, typer.Option(help="Smallest sizes (tests); not figures to quote.")
+    ] = False,
+    device: Annotated[
+        str, typer.Option(help="Device of the streaming suite (cpu | cuda); the others use CPU.")
+    ] = "cpu",
+    preset: Annotated[
+        str | None,
+        typer.Option(help="Streaming presets, comma-separated (default: tiny,demo; ltx2 on cuda)."),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option(help="Results file; only its bench region is rewritten.")
+    ] = Path("benchmarks/RESULTS.md"),
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also dump every raw figure as JSON here.")
+    ] = None,
+) -> None:
+    """Run the benchmark suites and write their tables into the bench region of RESULTS.md."""
+    from benchmarks import report, tables
+
+    names = _suites(only)
+    _check_device(device)
+    presets = _presets(preset, quick, device)
+    command = _command(names, quick, device, preset, out, json_out)
+    info = report.machine()  # before the suites: the load average is the box's, not ours
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    commit = report.git_commit()
+    result = run_suites(names, quick, device, presets)
+    walls = ", ".join(f"{k} {v:.0f} s" for k, v in result["wall_s"].items())
+    body = "\n\n".join(
+        [
+            report.header(info, command, date, commit),
+            f"Wall time per suite: {walls}.",
+            tables.render(result["suites"]),
+        ]
+    )
+    report.update_results(out, body)
+    if json_out:
+        raw = {"command": command, "date": date, "commit": commit, "machine": info, **result}
+        report.write_atomic(json_out, json.dumps(raw, indent=2) + "\n")
+    console.print(f"[green]wrote[/] {out}" + (f" and {json_out}" if json_out else ""))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)

@@ -1,0 +1,81 @@
+"""`omniforcing bench`: the generated region of RESULTS.md replaces itself and nothing else.
+
+Runs the real quick suites (size on the meta device, streaming with the tiny preset) through the
+CLI into a temporary RESULTS.md. Asserts structure and that figures are numbers; never timings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from benchmarks.report import BEGIN, END, replace_region
+from pipeline.cli import app
+
+HAND = (
+    "# Benchmark results\n\nHand-written intro: how to read the figures.\n\n"
+    "## Teacher quality\n\n| metric | value |\n|---|---|\n| sync | 22.6 % |\n\n"
+    "## Sinks ablation\n\nNo explosion without sinks at this scale.\n"
+)
+NUM = r"[-+]?[\d,]+(?:\.\d+)?"
+
+
+def _outside(text: str) -> str:
+    b, e = text.index(BEGIN), text.index(END) + len(END)
+    return text[:b] + text[e:]
+
+
+def _row(text: str, label: str, value: str) -> None:
+    pattern = rf"^\| {re.escape(label)} \| {value} \|$"
+    assert re.search(pattern, text, re.M), f"no row {label!r} with a numeric value"
+
+
+def _bench(tmp_path, only: str) -> str:
+    out, raw = tmp_path / "RESULTS.md", tmp_path / "raw.json"
+    args = ["bench", "--quick", "--only", only, "--out", str(out), "--json", str(raw)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(raw.read_text())["suites"].keys() == set(only.split(","))
+    return out.read_text()
+
+
+def test_bench_writes_its_region_and_keeps_hand_written_text(tmp_path):
+    (tmp_path / "RESULTS.md").write_text(HAND)
+    first = _bench(tmp_path, "size,streaming")
+    assert first.count(BEGIN) == first.count(END) == 1
+    # The region goes after the intro, before the first section; the rest is byte for byte.
+    intro, sections = HAND.split("## Teacher quality")
+    assert first.startswith(intro + BEGIN)
+    assert first.endswith(f"{END}\n\n## Teacher quality{sections}")
+    for key in ("CPU", "logical cores", "RAM", "GPU", "software"):
+        assert re.search(rf"^\| {key} \| \S", first, re.M), key
+    assert "omniforcing bench --only size,streaming --device cpu --quick" in first
+    _row(first, "total", rf"{NUM} k \| {NUM} M \| {NUM} B")
+    _row(first, "ratio block 10 / block 5 (target ≤ 1.1)", NUM)
+    _row(first, "block at 8 s: recompute-the-prefix / cached", f"{NUM}×")
+    _row(
+        first,
+        "speed-up teacher / student vs FLOP ratio 40·P/(K+1) (share)",
+        rf"{NUM}× of 20 \({NUM}%\)",
+    )
+    _row(first, "time to first chunk (prefix + first second)", f"{NUM} ms")
+    _row(first, "real-time factor (5 s / student time)", f"{NUM}×")
+    _row(first, "generated fps after the first chunk", NUM)
+
+    # A rerun replaces the region (now the size table alone) instead of appending a second one.
+    second = _bench(tmp_path, "size")
+    assert second.count(BEGIN) == second.count(END) == 1
+    assert _outside(second) == _outside(first)
+    assert "### Model size" in second and "### Streaming" not in second
+
+
+def test_region_markers_are_never_guessed():
+    assert replace_region("", "x") == f"{BEGIN}\nx\n{END}\n"
+    assert replace_region("# T\n\nintro\n", "x") == f"# T\n\nintro\n\n{BEGIN}\nx\n{END}\n"
+    with pytest.raises(ValueError, match="unbalanced"):
+        replace_region(f"# T\n{END}\n{BEGIN}\n", "x")
+    with pytest.raises(ValueError, match="unbalanced"):
+        replace_region(f"# T\n{BEGIN}\n", "x")
