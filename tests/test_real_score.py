@@ -141,7 +141,7 @@ def test_worker_extra_from_loop_cfg_reaches_the_context(
 ) -> None:
     import ray.train
 
-    from pipeline import trainer
+    from pipeline import worker_loop
 
     class Tc:  # the slice of ray.train's context `_context` reads
         def get_local_rank(self) -> int:
@@ -156,9 +156,9 @@ def test_worker_extra_from_loop_cfg_reaches_the_context(
     monkeypatch.setattr(ray.train, "get_context", lambda: Tc())
     cfg = _actors_cfg(tiny_teacher_dir)
     extra = {rs.NAMES_KEY: ["real-score-x-0"], rs.NAMESPACE_KEY: "ns"}
-    ctx = trainer._context(cfg, {"config": cfg.to_dict(), "worker_extra": extra})
+    ctx = worker_loop._context(cfg, {"config": cfg.to_dict(), "worker_extra": extra})
     assert ctx.extra == extra and ctx.rank == 1
-    assert trainer._context(cfg).extra == {}
+    assert worker_loop._context(cfg).extra == {}
 
 
 def test_actor_gpus_key_is_checked_and_resume_free(tiny_teacher_dir: Path) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import load_config
-from pipeline.trainer import cpu_threads, worker_env
+from pipeline.trainer import worker_env
+from pipeline.worker_loop import cpu_threads
 
 
 @pytest.mark.parametrize(("cpus", "threads"), [(0.5, 1), (1.0, 1), (2.7, 2), (8.0, 8)])

@@ -1,9 +1,9 @@
 """Training stages (methods): each owns its networks, its loss and its update cadence.
 
-Holds the `Stage` protocol the method-agnostic loop in `pipeline.trainer` drives, the per-worker
-`WorkerContext`, and `get_stage(name)`, which imports `pipeline.stages.<name>` (dashes become
-underscores) and takes its `STAGE` class. It holds no stage itself; `teacher` lives beside it and
-the distillation stages (`ode`, `self_forcing`) plug in the same way.
+Holds the `Stage` protocol the method-agnostic loop in `pipeline.worker_loop` drives, the
+per-worker `WorkerContext`, and `get_stage(name)`, which imports `pipeline.stages.<name>` (dashes
+become underscores) and takes its `STAGE` class. It holds no stage itself; `teacher` lives beside
+it and the distillation stages (`ode`, `self_forcing`) plug in the same way.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ teacher's clean x0 per modality, masked to σ > 0, weighted by `distill.ode_weig
 Trajectories come from the rows (`traj_video`, `traj_audio`, `traj_sigmas`, written by the
 teacher-scoring actor pool) or, with `distill.teacher_mode: local`, from the frozen teacher in
 this worker (memoised per clip key). The student = teacher weights + fresh audio sinks. It does
-not run the loop or checkpoint (pipeline.trainer).
+not run the loop or checkpoint (pipeline.worker_loop).
 """
 
 from __future__ import annotations

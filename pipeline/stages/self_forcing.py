@@ -15,7 +15,7 @@ The real score runs on this worker's frozen teacher (`distill.real_score: local`
 pipeline.distill.real_score): the worker then sends x_t and gets the CFG x0 back, and drops its
 teacher DiT after initialising the student and critic (it keeps the teacher's text encoder and
 codecs). `teacher_mode` only affects `ode`. It does not run the loop or checkpoint
-(pipeline.trainer).
+(pipeline.worker_loop).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ stream); the network predicts velocity v = ε − x0; loss = MSE(v) per modality
 are dropped to "" with probability `train.text_dropout` (classifier-free guidance). Every
 `train.reliance_every` steps it also measures cross-modal reliance: the loss of one stream when the
 other stream is shuffled across the batch, minus its paired loss. One DeepSpeed engine trains the
-DiT and the word text encoder together. It does not run the loop or checkpoint (pipeline.trainer).
+DiT and the word text encoder together. It does not run the loop or checkpoint
+(pipeline.worker_loop).
 """
 
 from __future__ import annotations
