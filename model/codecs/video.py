@@ -1,0 +1,164 @@
+"""`CellVideoCodec`: the embedded video codec (part of `model.codecs`, which re-exports it).
+
+Latent [1 + k, g, g, 6] per clip of 1 + 8k frames: mean RGB of each cell over an 8-frame group
+plus 3 temporal DCT-II coefficients of cell luminance. Torch only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .norm import _load_norm, _Stats
+
+LUMA = (0.299, 0.587, 0.114)
+N_DCT = 3  # temporal DCT-II coefficients k = 1..3 kept per group
+
+
+def _dct_basis(n: int = 8, k: int = N_DCT) -> torch.Tensor:
+    """Orthonormal DCT-II rows k = 1..K over n samples, as columns: [n, K]."""
+    j = torch.arange(n, dtype=torch.float64)[:, None]
+    kk = torch.arange(1, k + 1, dtype=torch.float64)[None, :]
+    return (math.sqrt(2.0 / n) * torch.cos(math.pi * (2 * j + 1) * kk / (2 * n))).float()
+
+
+def _blur_matrix(g: int, sigma: float) -> torch.Tensor:
+    """Row-normalised Gaussian over the cell grid (constant maps stay constant at borders)."""
+    if sigma <= 0:
+        return torch.eye(g)
+    i = torch.arange(g, dtype=torch.float64)
+    m = torch.exp(-((i[:, None] - i[None, :]) ** 2) / (2.0 * sigma * sigma))
+    return (m / m.sum(1, keepdim=True)).float()
+
+
+class CellVideoCodec:
+    """Video latent [1 + k, g, g, 6]: mean RGB of each cell over the 8-frame group + 3 temporal
+    DCT-II coefficients of cell luminance; frame 0 alone (RGB only, DCT channels zero).
+
+    The decoder is a right inverse of the (blurred) encoder: per-frame cell maps are the group mean
+    plus the DCT luminance residual, added along the cell's own colour (so a red ball brightens in
+    red rather than in the luma direction), then bilinearly upsampled to pixels.
+    """
+
+    temporal_factor = 8
+    latent_channels = 3 + N_DCT
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        grid: int = 8,
+        blur_sigma: float = 1.0,
+        mean: torch.Tensor | None = None,
+        std: torch.Tensor | None = None,
+    ) -> None:
+        if grid < 1 or height % grid or width % grid:
+            raise ValueError(
+                f"CellVideoCodec: height={height}, width={width} must be multiples of grid={grid}"
+            )
+        self.height, self.width, self.grid, self.blur_sigma = height, width, grid, blur_sigma
+        self.latent_hw = (grid, grid)
+        self.fitted = mean is not None
+        self.mean = mean if mean is not None else torch.zeros(self.latent_channels)
+        self.std = std if std is not None else torch.ones(self.latent_channels)
+        self._blur = _blur_matrix(grid, blur_sigma)  # [g, g]
+        self._basis = _dct_basis()  # [8, 3]
+        self._luma = torch.tensor(LUMA)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "type": "CellVideoCodec",
+            "height": self.height,
+            "width": self.width,
+            "grid": self.grid,
+            "blur_sigma": self.blur_sigma,
+            "fitted": self.fitted,
+        }
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean.clone(), "std": self.std.clone()}
+
+    @classmethod
+    def from_state(cls, config: dict[str, Any], state: dict[str, torch.Tensor]) -> CellVideoCodec:
+        kw = {k: config[k] for k in ("height", "width", "grid", "blur_sigma")}
+        mean, std = _load_norm(state, cls.latent_channels, "CellVideoCodec")
+        return cls(
+            **kw,
+            mean=mean if config.get("fitted", True) else None,
+            std=std if config.get("fitted", True) else None,
+        )
+
+    def _check_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        frames = torch.as_tensor(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"video frames must be [F, H, W, 3], got {tuple(frames.shape)}")
+        if frames.dtype != torch.uint8:
+            raise ValueError(f"video frames must be uint8, got {frames.dtype}")
+        n, h, w = frames.shape[:3]
+        if (n - 1) % self.temporal_factor:
+            raise ValueError(f"video has {n} frames; expected 1 + 8k frames (e.g. 121 for 5.04 s)")
+        if (h, w) != (self.height, self.width):
+            raise ValueError(f"video frames are {h}x{w}, codec expects {self.height}x{self.width}")
+        return frames
+
+    def _raw(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 [F, H, W, 3] -> un-standardised latent [1 + k, g, g, 6]."""
+        frames = self._check_frames(frames)
+        n, g = frames.shape[0], self.grid
+        x = frames.float() / 255.0
+        cells = x.reshape(n, g, self.height // g, g, self.width // g, 3).mean((2, 4))  # [F,g,g,3]
+        cells = torch.einsum("ij,fjkc,lk->filc", self._blur, cells, self._blur)
+        first = torch.cat([cells[0], torch.zeros(g, g, N_DCT)], -1)[None]  # [1, g, g, 6]
+        groups = cells[1:].reshape(-1, 8, g, g, 3)  # [k, 8, g, g, 3]
+        luma = groups @ self._luma  # [k, 8, g, g]
+        dct = torch.einsum("jn,kjab->kabn", self._basis, luma)  # [k, g, g, 3]
+        return torch.cat([first, torch.cat([groups.mean(1), dct], -1)], 0)
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 [F, H, W, 3], F = 1 + 8k -> standardised float32 [1 + k, g, g, 6]."""
+        return (self._raw(frames) - self.mean) / self.std
+
+    def fit(self, frames_iter: Iterable[torch.Tensor]) -> CellVideoCodec:
+        """A new codec whose standardisation is fitted on the given clips' latents."""
+        stats = _Stats(self.latent_channels)
+        for frames in frames_iter:
+            stats.add(self._raw(frames))
+        mean, std = stats.finish()
+        return CellVideoCodec(self.height, self.width, self.grid, self.blur_sigma, mean, std)
+
+    def _decode_one(self, z: torch.Tensor, lone: bool) -> torch.Tensor:
+        """One un-standardised latent [g, g, 6] -> float cell maps [1 or 8, g, g, 3]."""
+        m = z[..., :3]
+        if lone:
+            return m[None]
+        dy = torch.einsum("jn,abn->jab", self._basis, z[..., 3:])  # [8, g, g] luma residual
+        pos = m.clamp_min(0.0)
+        direction = pos / (pos @ self._luma).clamp_min(0.02)[..., None]  # [g, g, 3], luma 1
+        return m[None] + dy[..., None] * direction[None]
+
+    def decode(self, latents: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """float [n, g, g, 6] -> uint8 [F', H, W, 3]; F' = 1 + 8(n - 1) if start == 0 else 8n."""
+        lat = torch.as_tensor(latents).float()
+        g = self.grid
+        if lat.ndim != 4 or tuple(lat.shape[1:]) != (g, g, self.latent_channels):
+            raise ValueError(
+                f"video latents must be [n, {g}, {g}, {self.latent_channels}], "
+                f"got {tuple(lat.shape)}"
+            )
+        out = []
+        for i in range(lat.shape[0]):
+            cells = self._decode_one(lat[i] * self.std + self.mean, start == 0 and i == 0)
+            img = F.interpolate(
+                cells.permute(0, 3, 1, 2),
+                size=(self.height, self.width),
+                mode="bilinear",
+                align_corners=False,
+            )
+            out.append((img.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1))
+        if not out:
+            return torch.zeros(0, self.height, self.width, 3, dtype=torch.uint8)
+        return torch.cat(out, 0)
