@@ -7,7 +7,7 @@ through a bundle's codecs, no model), caption-direction adherence, and `evaluate
 that to `data.sync.evaluate_clips` (sync error, share within tolerance vs shuffled chance,
 motion, colour and pitch adherence). Measurement reads only pixels and samples, so any mp4 of the
 world can be scored. Deliberately NOT here: printing, plots, MLflow logging (pipeline/
-eval_commands.py) and the detectors themselves (data/sync.py).
+eval_commands.py) and the detectors themselves (data.sync).
 """
 
 from __future__ import annotations

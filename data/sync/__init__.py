@@ -1,0 +1,174 @@
+"""Sync measurement for clips of the synthetic world (rendered, decoded, or generated).
+
+Holds the sync report of contacts against onsets, the shuffled-pair chance level and
+`evaluate_clips`, the core of `omniforcing eval`, which adds motion statistics and caption
+adherence (dominant colour and pitch). The detectors live beside it and are re-exported here: the
+blob tracker, contact detector, motion statistics and dominant colour in `data.sync.video`, the
+onset detector and dominant pitch in `data.sync.audio`. Pure numpy: it reads only pixels and
+samples, never a codec or a model, so it works on any clip of the world, including clips decoded
+from mp4 files it did not make. Deliberately does NOT render (that is `data.world`).
+
+Time conventions match data.world: frame f at f / fps, sample n at n / sample_rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from data.sync.audio import detect_onsets, dominant_pitch
+from data.sync.video import (
+    analyse_motion,
+    detect_contacts,
+    dominant_colour,
+    motion_stats,
+    track_blobs,
+)
+from data.world import parse_caption
+
+__all__ = [
+    "analyse_motion",
+    "detect_contacts",
+    "detect_onsets",
+    "dominant_colour",
+    "dominant_pitch",
+    "evaluate_clips",
+    "motion_stats",
+    "shuffled_chance",
+    "sync_report",
+    "track_blobs",
+]
+
+
+def _nearest(contacts: np.ndarray, onsets: np.ndarray) -> np.ndarray:
+    """Signed offset (onset - contact) to the nearest onset for each contact [N]."""
+    if len(onsets) == 0:
+        return np.full(len(contacts), np.inf)
+    d = onsets[None, :] - contacts[:, None]
+    return d[np.arange(len(contacts)), np.abs(d).argmin(1)]
+
+
+def sync_report(contacts: list[float], onsets: list[float], tol: float = 0.040) -> dict[str, Any]:
+    """Share of contacts with an onset within `tol`, share of onsets near a contact, offsets."""
+    c, o = np.asarray(contacts, float), np.asarray(onsets, float)
+    off = _nearest(c, o)
+    back = np.abs(_nearest(o, c))
+    finite = np.abs(off[np.isfinite(off)])
+    return {
+        "n_contacts": len(c),
+        "n_onsets": len(o),
+        "tol_ms": tol * 1e3,
+        "contact_recall": float(np.mean(np.abs(off) <= tol)) if len(c) else float("nan"),
+        "onset_precision": float(np.mean(back <= tol)) if len(o) else float("nan"),
+        "median_offset_ms": float(np.median(finite) * 1e3) if len(finite) else float("nan"),
+        "p90_offset_ms": float(np.percentile(finite, 90) * 1e3) if len(finite) else float("nan"),
+        "median_signed_offset_ms": (
+            float(np.median(off[np.isfinite(off)]) * 1e3) if len(finite) else float("nan")
+        ),
+    }
+
+
+def _pooled_recall(pairs: list[tuple[list[float], list[float]]], tol: float) -> float:
+    hits = total = 0
+    for contacts, onsets in pairs:
+        off = _nearest(np.asarray(contacts, float), np.asarray(onsets, float))
+        hits += int(np.sum(np.abs(off) <= tol))
+        total += len(contacts)
+    return hits / total if total else float("nan")
+
+
+def shuffled_chance(pairs: list[tuple[list[float], list[float]]], tol: float = 0.040) -> float:
+    """Contact recall when clip i's contacts meet clip j != i's onsets (mean of cyclic shifts)."""
+    n = len(pairs)
+    if n < 2:
+        return float("nan")
+    shifted = [
+        _pooled_recall([(pairs[i][0], pairs[(i + s) % n][1]) for i in range(n)], tol)
+        for s in range(1, n)
+    ]
+    return float(np.nanmean(shifted))
+
+
+def _unpack(item: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """A clip as a Clip-like object (.frames, .audio, .meta), a dict or a (frames, audio, meta)."""
+    if hasattr(item, "frames") and hasattr(item, "audio"):
+        return np.asarray(item.frames), np.asarray(item.audio), dict(getattr(item, "meta", {}))
+    if isinstance(item, dict):
+        return np.asarray(item["frames"]), np.asarray(item["audio"]), dict(item.get("meta", {}))
+    frames, audio, *rest = item
+    return np.asarray(frames), np.asarray(audio), dict(rest[0] if rest else {})
+
+
+def _clip_row(frames: np.ndarray, audio: np.ndarray, meta: dict, tol: float) -> dict[str, Any]:
+    fps, sr = float(meta.get("fps", 24)), int(meta.get("sample_rate", 16000))
+    m = analyse_motion(frames, fps)
+    onsets = detect_onsets(audio, sr)
+    near = 12.0 * min(frames.shape[1:3]) / 64.0
+    row: dict[str, Any] = {
+        "contacts": m["contacts"],
+        "onsets": onsets,
+        "near_wall": int(np.sum(np.asarray(m["wall_dist"]) <= near)),
+        "speed_px_s": m["speed_px_s"],
+        "colour": dominant_colour(frames),
+        "pitch": dominant_pitch(audio, sr),
+    }
+    if meta.get("caption"):
+        try:
+            balls = parse_caption(meta["caption"])
+        except ValueError:
+            balls = []
+        row["colour_ok"] = row["colour"] in {b["colour"] for b in balls}
+        row["pitch_ok"] = row["pitch"] in {b["pitch"] for b in balls}
+    if "events" in meta:
+        gt = [float(e["time"]) for e in meta["events"]]
+        row["gt_video"] = sync_report(gt, m["contacts"], tol)["contact_recall"]
+        row["gt_audio"] = sync_report(gt, onsets, tol)["contact_recall"]
+    return row
+
+
+def evaluate_clips(clips: Iterable[Any], tol: float = 0.040) -> dict[str, Any]:
+    """Aggregate sync, motion and caption adherence over clips of the world.
+
+    Each clip: Clip-like, dict or (frames uint8 [F,H,W,3], audio [C,S], meta); meta may give
+    fps / sample_rate (default 24 / 16000), caption (-> colour/pitch accuracy) and ground-truth
+    events (-> detector recall against the truth). Offsets are pooled over all contacts.
+    """
+    rows = [_clip_row(*_unpack(c), tol) for c in clips]
+    if not rows:
+        raise ValueError("evaluate_clips got no clips")
+    pairs = [(r["contacts"], r["onsets"]) for r in rows]
+    contacts = [t for r in rows for t in r["contacts"]]
+    n_on = sum(len(r["onsets"]) for r in rows)
+    offs = np.concatenate([_nearest(np.asarray(c, float), np.asarray(o, float)) for c, o in pairs])
+    finite = np.abs(offs[np.isfinite(offs)])
+    near = sum(
+        int(np.sum(np.abs(_nearest(np.asarray(o, float), np.asarray(c, float))) <= tol))
+        for c, o in pairs
+    )
+    out: dict[str, Any] = {
+        "n_clips": len(rows),
+        "tol_ms": tol * 1e3,
+        "reversals_per_clip": len(contacts) / len(rows),
+        "onsets_per_clip": n_on / len(rows),
+        "speed_px_s": float(np.mean([r["speed_px_s"] for r in rows])),
+        "wall_frac": sum(r["near_wall"] for r in rows) / len(contacts)
+        if contacts
+        else float("nan"),
+        "contact_recall": _pooled_recall(pairs, tol),
+        "onset_precision": near / n_on if n_on else float("nan"),
+        "chance_recall": shuffled_chance(pairs, tol),
+        "median_offset_ms": float(np.median(finite) * 1e3) if len(finite) else float("nan"),
+        "p90_offset_ms": float(np.percentile(finite, 90) * 1e3) if len(finite) else float("nan"),
+    }
+    for key, name in (
+        ("colour_ok", "colour_acc"),
+        ("pitch_ok", "pitch_acc"),
+        ("gt_video", "gt_video_recall"),
+        ("gt_audio", "gt_audio_recall"),
+    ):
+        vals = [float(r[key]) for r in rows if key in r and r[key] == r[key]]
+        if vals:
+            out[name] = float(np.mean(vals))
+    return out
