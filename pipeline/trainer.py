@@ -51,8 +51,10 @@ def ensure_ray(cfg: JobConfig) -> None:
 
     if ray.is_initialized():
         return
+    # Every worker process of the job installs the busy-box guard (pipeline/ray_patches.py).
+    env = {"worker_process_setup_hook": "pipeline.ray_patches.install"}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(runtime_env=env)
         return
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2
     d = cfg.distill
@@ -62,6 +64,7 @@ def ensure_ray(cfg: JobConfig) -> None:
         address="local",
         num_cpus=max(4, int(need + 0.999), os.cpu_count() or 1),
         include_dashboard=False,
+        runtime_env=env,
     )
 
 

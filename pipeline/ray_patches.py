@@ -1,0 +1,78 @@
+"""A guard for a Ray Train 2.60 trap that kills healthy training runs on a loaded machine.
+
+Ray Train v2 starts a `PlacementGroupCleaner` actor that polls the state API once a second and
+removes the run's placement group when the controller looks dead. Its liveness test is
+`state and state.state != "DEAD"`, and the state API answers `None` (not an error) when a query
+under load comes back without the actor, so a busy box reads a live controller as dead: the
+placement group is removed, the workers are destroyed ("Destroying worker since its placement
+group was removed") and the run falls back to its last checkpoint. Observed on our 2-core box
+(load ~15) after ~1,000 "Failed to query Ray Train Controller actor state" warnings.
+
+`install()` is the job's `worker_process_setup_hook` (pipeline.trainer.ensure_ray): it runs in
+every Ray worker process, so it must be cheap. It imports nothing from Ray; it registers an import
+hook that, when the cleaner module is imported, replaces its liveness test with one that treats
+"no answer" as "unknown" (the cleaner's existing retry path) and only `DEAD` as dead.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+from types import ModuleType
+from typing import Any
+
+CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def guarded_is_actor_alive(actor_id: str, timeout: int) -> bool:
+    """True unless the state API positively reports the actor DEAD; no answer raises the
+    cleaner's "state API unavailable" error so it keeps monitoring instead of cleaning up."""
+    from ray.train.v2._internal.state.util import get_actor
+    from ray.util.state.exception import RayStateApiException
+
+    state = get_actor(actor_id, timeout=timeout)
+    if state is None:
+        raise RayStateApiException(f"no state for actor {actor_id} (treated as unknown)")
+    return state.state != "DEAD"
+
+
+def patch_module(module: ModuleType) -> None:
+    if hasattr(module, "is_actor_alive"):
+        module.is_actor_alive = guarded_is_actor_alive
+
+
+class _Loader(importlib.abc.Loader):
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self.inner = inner
+
+    def create_module(self, spec: Any) -> ModuleType | None:
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.inner.exec_module(module)
+        patch_module(module)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    """Wraps the real loader of the cleaner module only; every other import is untouched."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != CLEANER:
+            return None
+        sys.meta_path.remove(self)  # find the real spec without recursing into ourselves
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _Loader(spec.loader)
+        return spec
+
+
+def install() -> None:
+    """Idempotent; patches at once if the cleaner module is already imported."""
+    if CLEANER in sys.modules:
+        patch_module(sys.modules[CLEANER])
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())

@@ -1,0 +1,94 @@
+"""Write the shipped teacher's training record from its MLflow run.
+
+    python scripts/teacher_record.py --tracking-uri sqlite:////work/teacher/mlflow.db \
+        --run <run id> --step 6000 --wall-minutes 95 --note "..." \
+        --out pipeline/assets/demo-teacher-record
+
+Reads the run's metric histories up to `--step` (loss per modality, cross-modal reliance, lr, grad
+norm) and writes `training.json` (hardware, steps, wall time, histories) plus `loss.png` and
+`reliance.png`, each atomically. The eval JSON/PNG come from `omniforcing eval --out`; this script
+only records how the weights were made, so the record can be regenerated rather than hand-edited.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+KEYS = ("loss", "loss/video", "loss/audio", "grad_norm", "lr", "samples_per_s")
+RELIANCE = ("reliance/audio_on_video", "reliance/video_on_audio")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def histories(uri: str, run: str, keys: tuple[str, ...], upto: int) -> dict[str, list]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    out = {}
+    for k in keys:
+        hist = sorted(client.get_metric_history(run, k), key=lambda m: m.step)
+        out[k] = [[m.step, m.value] for m in hist if m.step <= upto]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tracking-uri", required=True)
+    ap.add_argument("--run", required=True, help="MLflow run id of `omniforcing train teacher`")
+    ap.add_argument("--step", type=int, required=True, help="the exported checkpoint's step")
+    ap.add_argument("--wall-minutes", type=float, required=True)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--note", default="", help="hardware sharing, interruptions, resumes")
+    ap.add_argument("--out", type=Path, default=Path("pipeline/assets/demo-teacher-record"))
+    args = ap.parse_args()
+
+    from pipeline.plots import loss_curve
+
+    metrics = histories(args.tracking_uri, args.run, KEYS + RELIANCE, args.step)
+    record = {
+        "trained_by": "omniforcing train teacher --config configs/demo-teacher.yaml "
+        "(data.path, codec_dir, storage, mlflow overridden to a scratch folder; --resume latest "
+        "after each interruption)",
+        "data": "omniforcing data synth --balls 1 --clips 2048 --seed 1 --shard-size 128; "
+        "omniforcing data fit-codec --max-clips 256",
+        "exported": f"omniforcing export --checkpoint <run>/step-{args.step:08d} "
+        "--out pipeline/assets/demo-teacher (EMA weights)",
+        "hardware": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "gpu": None,
+            "note": args.note,
+        },
+        "steps": args.step,
+        "batch_size": args.batch_size,
+        "wall_minutes_to_step": args.wall_minutes,
+        "mlflow_run_id": args.run,
+        "metrics": metrics,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = args.out / ".training.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, args.out / "training.json")
+    loss_curve({k: metrics[k] for k in ("loss/video", "loss/audio")}, args.out / "loss.png")
+    loss_curve(
+        {k: metrics[k] for k in RELIANCE},
+        args.out / "reliance.png",
+        "cross-modal reliance (loss with the other stream shuffled − paired)",
+    )
+    print(f"wrote {args.out}/training.json, loss.png, reliance.png ({args.step} steps)")
+
+
+if __name__ == "__main__":
+    main()

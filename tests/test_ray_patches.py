@@ -1,0 +1,60 @@
+"""The guard against Ray Train's placement-group cleaner reading a busy state API as a dead
+controller (pipeline/ray_patches.py)."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+def run(code: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_cleaner_imported_after_install_uses_the_guard():
+    out = run(
+        """
+        from pipeline import ray_patches
+        ray_patches.install(); ray_patches.install()  # idempotent
+        import sys
+        assert sum(isinstance(f, ray_patches._Finder) for f in sys.meta_path) == 1
+        from ray.train.v2._internal.execution.controller import placement_group_cleaner as m
+        print(m.is_actor_alive is ray_patches.guarded_is_actor_alive)
+        """
+    )
+    assert out == "True"
+
+
+def test_cleaner_imported_before_install_is_patched_too():
+    out = run(
+        """
+        from ray.train.v2._internal.execution.controller import placement_group_cleaner as m
+        from pipeline import ray_patches
+        ray_patches.install()
+        print(m.is_actor_alive is ray_patches.guarded_is_actor_alive)
+        """
+    )
+    assert out == "True"
+
+
+@pytest.mark.parametrize(("state", "expect"), [(None, "unknown"), ("ALIVE", True), ("DEAD", False)])
+def test_no_answer_is_unknown_and_only_dead_is_dead(monkeypatch, state, expect):
+    from types import SimpleNamespace
+
+    from ray.train.v2._internal.state import util
+    from ray.util.state.exception import RayStateApiException
+
+    from pipeline import ray_patches
+
+    answer = None if state is None else SimpleNamespace(state=state)
+    monkeypatch.setattr(util, "get_actor", lambda actor_id, timeout: answer)
+    if expect == "unknown":
+        with pytest.raises(RayStateApiException, match="treated as unknown"):
+            ray_patches.guarded_is_actor_alive("abc", 1)
+    else:
+        assert ray_patches.guarded_is_actor_alive("abc", 1) is expect
