@@ -77,12 +77,13 @@ def fit_codec(
     path: Annotated[str, typer.Argument(help="local folder or s3://bucket/prefix")],
     out: Annotated[str, typer.Option(help="folder for codec.json + codec.safetensors")],
     max_clips: Annotated[int | None, typer.Option(min=1, help="fit on at most this many")] = None,
+    grid: Annotated[int, typer.Option(min=1, help="latent cells per side (preset's)")] = 8,
 ) -> None:
     """Fit the embedded codecs on the shards; report video PSNR and contacts kept (40 ms)."""
     from data.inspect import fit_codec as run
 
     with _progress("round trip", max_clips) as tick:
-        report = run(path, out, max_clips=max_clips, progress=tick)
+        report = run(path, out, max_clips=max_clips, progress=tick, grid=grid)
     _print(report)
 
 

@@ -122,8 +122,12 @@ def fit_codec(
     max_clips: int | None = None,
     spec: DecodeSpec | None = None,
     progress: Callable[[int], None] | None = None,
+    grid: int = 8,
 ) -> dict[str, Any]:
-    """Fit model.codecs on the shards, save to `out_dir`, report round-trip quality."""
+    """Fit model.codecs on the shards, save to `out_dir`, report round-trip quality.
+
+    `grid` = latent cells per side (the model preset's `video_latent_hw`: 8 for demo, 4 for tiny).
+    """
     import torch
 
     from model.codecs import fit_codecs, save_codecs
@@ -135,7 +139,7 @@ def fit_codec(
             yield s
 
     counter = BadSampleCounter()
-    video, audio = fit_codecs((s.frames, s.audio) for s in clips())
+    video, audio = fit_codecs(((s.frames, s.audio) for s in clips()), grid=grid)
     save_codecs(out_dir, video, audio)
     psnr, totals, n = [], np.zeros(5, dtype=np.int64), 0  # truth, mp4 v/a, codec v/a
     with torch.no_grad():

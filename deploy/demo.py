@@ -34,17 +34,57 @@ def _step(title: str) -> None:
     console.rule(f"[bold cyan]{title}")
 
 
-def prepare_data(out: Path, clips: int, seconds: float, teacher: Any, seed: int) -> Path:
-    """Shards at out/shards (kept if present) and the teacher's codecs at out/codecs."""
+def prepare_shards(out: Path, clips: int, seconds: float, seed: int, hw: tuple = (64, 64)) -> Path:
+    """One-ball world shards at out/shards (kept if present)."""
     from data.shards import synth
-    from model.codecs import save_codecs
 
     shards = out / "shards"
-    cfg = teacher.config
     if not (shards / "index.json").is_file():
-        synth(str(shards), clips, seconds, 64, seed, cfg.height, cfg.width, max_balls=1)
+        synth(str(shards), clips, seconds, 64, seed, hw[0], hw[1], max_balls=1)
+    return shards
+
+
+def prepare_data(out: Path, clips: int, seconds: float, teacher: Any, seed: int) -> Path:
+    """Shards at out/shards (kept if present) and the teacher's codecs at out/codecs."""
+    from model.codecs import save_codecs
+
+    cfg = teacher.config
+    shards = prepare_shards(out, clips, seconds, seed, (cfg.height, cfg.width))
     save_codecs(out / "codecs", teacher.video_codec, teacher.audio_codec)
     return shards
+
+
+def train_teacher(
+    root: Path, cfg: Any, config: str, steps: int | None, clips: int, seconds: float
+) -> str:
+    """`--teacher scratch`: one-ball shards, codecs fitted on them at the teacher preset's grid, a
+    teacher trained with `config` (configs/demo-teacher.yaml) under the demo's MLflow store, its
+    exported Bundle downloaded to root/teacher (returned). The shipped teacher took hours of
+    2-core time: see pipeline/assets/demo-teacher-record/."""
+    from data.inspect import fit_codec
+    from pipeline.commands import progress_from_mlflow
+    from pipeline.config import load_config
+    from pipeline.registry import load_bundle
+    from pipeline.trainer import run_stage
+
+    overrides = [
+        "data.source=shards",
+        f"data.path={root / 'shards'}",
+        f"data.codec_dir={root / 'codecs'}",
+        f"storage.path={root / 'checkpoints'}",
+        f"mlflow.experiment={cfg.mlflow.experiment}",
+    ]
+    tcfg = load_config(config, overrides + ([f"train.steps={steps}"] if steps else []))
+    mcfg = tcfg.build_model_config(causal=False)
+    prepare_shards(root, clips, seconds, tcfg.train.seed, (mcfg.height, mcfg.width))
+    _step("fit the codecs on the shards")
+    fit_codec(str(root / "shards"), str(root / "codecs"), 256, grid=mcfg.video_latent_hw[0])
+    _step(f"train teacher ({tcfg.train.steps} steps)")
+    with progress_from_mlflow(tcfg, "teacher"):
+        run_id = run_stage(tcfg, "teacher").run_id
+    dst = root / "teacher"
+    load_bundle(f"runs:/{run_id}/bundle", dst=dst)
+    return str(next(p.parent for p in dst.rglob("config.json")))
 
 
 def distill(cfg: Any, teacher_ref: str, ode_steps: int, sf_steps: int) -> dict[str, str]:
@@ -123,7 +163,15 @@ def demo(
         str, typer.Option(help="Run folder (shards, checkpoints, MLflow).")
     ] = "runs/demo",
     config: Annotated[str, typer.Option(help="Job config of the student.")] = "configs/demo.yaml",
-    teacher: Annotated[str, typer.Option(help="'shipped' or a teacher Bundle dir.")] = "shipped",
+    teacher: Annotated[
+        str, typer.Option(help="'shipped', 'scratch' (train one first) or a teacher Bundle dir.")
+    ] = "shipped",
+    teacher_config: Annotated[
+        str, typer.Option(help="Teacher job config for --teacher scratch.")
+    ] = "configs/demo-teacher.yaml",
+    teacher_steps: Annotated[
+        int | None, typer.Option(min=1, help="Override the scratch teacher's train.steps.")
+    ] = None,
     clips: Annotated[int, typer.Option(min=2, help="Synthetic clips to distil on.")] = 64,
     ode_steps: Annotated[int, typer.Option(min=1)] = 150,
     sf_steps: Annotated[int, typer.Option(min=1)] = 40,
@@ -152,8 +200,11 @@ def demo(
         ]
         cfg = load_config(config, overrides)
         os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        teacher_dir = str(SHIPPED_TEACHER) if teacher == "shipped" else teacher
         _step("data: synthetic one-ball world")
+        if teacher == "scratch":
+            secs = cfg.data.seconds + 1 / 24
+            teacher = train_teacher(root, cfg, teacher_config, teacher_steps, clips, secs)
+        teacher_dir = str(SHIPPED_TEACHER) if teacher == "shipped" else teacher
         tb = Bundle.from_pretrained(teacher_dir)
         prepare_data(root, clips, cfg.data.seconds + 1 / 24, tb, cfg.train.seed)
         runs = distill(cfg, teacher_dir, ode_steps, sf_steps)

@@ -2,37 +2,27 @@
 
 Real parts: local Ray, DeepSpeed engines for `ode` and `self-forcing`, the MLflow server fixture
 (sqlite + S3 artifacts), the model registry, a Ray Serve app over HTTP, the streaming client.
-The teacher is a random `tiny` bidirectional bundle with codecs fitted on the synthetic world.
+The teacher comes from `--teacher scratch`: codecs fitted on the demo's shards and a `tiny`
+teacher trained for 2 steps by the real `teacher` stage, then distilled like the shipped one.
 """
 
 import json
 
-import pytest
 from typer.testing import CliRunner
 
 from data.mp4 import DecodeSpec, decode_mp4
-from data.world import render_clip
-from model.codecs import fit_codecs
-from model.testing import tiny_bundle
 from pipeline.cli import app
 
 
-@pytest.fixture
-def tiny_teacher(tmp_path):
-    clips = [render_clip(s, seconds=1 + 1 / 24, height=32, width=32, max_balls=1) for s in range(3)]
-    video, audio = fit_codecs(((c.frames, c.audio) for c in clips), grid=4)
-    bundle = tiny_bundle(seed=3, causal=False)
-    bundle.video_codec, bundle.audio_codec = video, audio
-    return bundle.save_pretrained(tmp_path / "teacher")
-
-
-def test_demo_end_to_end_at_tiny_scale(tmp_path, tiny_teacher, ray_local, mlflow_uri):
+def test_demo_end_to_end_at_tiny_scale(tmp_path, ray_local, mlflow_uri):
     from ray import serve
 
     serve.shutdown()  # the demo starts its own Serve app on a free port
     clip = tmp_path / "clip.mp4"
     args = ["demo", "--out", str(tmp_path / "run"), "--config", "configs/tiny.yaml"]
-    args += ["--teacher", str(tiny_teacher), "--clips", "4", "--ode-steps", "2", "--sf-steps", "1"]
+    args += ["--teacher", "scratch", "--teacher-config", "configs/tiny.yaml"]
+    args += ["--teacher-steps", "2"]
+    args += ["--clips", "4", "--ode-steps", "2", "--sf-steps", "1"]
     args += ["--seconds", "1", "--clip", str(clip), "--eval-clips", "1", "--name", "demo-student"]
     for kv in ("data.source=shards", "distill.teacher_steps=3", "train.checkpoint_every=1"):
         args += ["--set", kv]
@@ -64,3 +54,7 @@ def test_demo_end_to_end_at_tiny_scale(tmp_path, tiny_teacher, ray_local, mlflow
     assert summary["promoted"]["uri"] == "models:/demo-student@champion"
     assert summary["stream"]["chunks"] == 2 and str(clip) in summary["rows"]["clip"]
     assert set(summary["runs"]) == {"parent", "ode", "self-forcing"}
+    # The scratch teacher: codecs fitted on the shards, trained, exported, and the one distilled.
+    assert (tmp_path / "run" / "codecs" / "codec.json").is_file()
+    teacher_cfg = next((tmp_path / "run" / "teacher").rglob("config.json"))
+    assert json.loads(teacher_cfg.read_text())["model"]["causal"] is False
