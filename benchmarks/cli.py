@@ -3,7 +3,9 @@
 Only argument handling and orchestration live here: each suite's measurement code is its own
 module's `run(...)` (benchmarks/<suite>.py), the tables are benchmarks/tables.py, the header and
 the region writing benchmarks/report.py. Suites are imported when they run, so registering this
-command costs the CLI nothing at import time.
+command costs the CLI nothing at import time. A suite that raises does not stop the others: the
+finished suites' tables are still written, the failure is a line in RESULTS.md and under
+"failed" in --json (rewritten after every suite), and the command exits 1 at the end.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import importlib
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -62,19 +65,38 @@ def _check_device(device: str) -> None:
         raise typer.BadParameter(f"--device must be cpu or cuda[:n], got {device!r}")
 
 
-def run_suites(names: list[str], quick: bool, device: str, presets: list[str]) -> dict[str, Any]:
-    """{suite: figures} and {suite: wall seconds}, each suite run in turn in this process."""
-    figures, wall = {}, {}
+def run_suites(
+    names: list[str],
+    quick: bool,
+    device: str,
+    presets: list[str],
+    after_each: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """{suite: figures}, {suite: wall seconds} and {suite: error} of the suites that raised.
+
+    Each suite runs in turn in this process. A suite that raises is logged and recorded, and the
+    rest still run: one broken suite must not throw away the figures of the others (a full bench
+    takes tens of minutes). `after_each(result)` sees the result so far after every suite.
+    """
+    result: dict[str, Any] = {"suites": {}, "wall_s": {}, "failed": {}}
     for name in names:
         kwargs = dict(SETTINGS[name][1 if quick else 0])
         if name == "streaming":  # the only suite with a device and model-size choice
             kwargs.update(presets=presets, device=device)
         console.print(f"bench: {name} …")
         start = time.perf_counter()
-        figures[name] = importlib.import_module(f"benchmarks.{name}").run(**kwargs)
-        wall[name] = time.perf_counter() - start
-        console.print(f"bench: {name} done in {wall[name]:.1f} s")
-    return {"suites": figures, "wall_s": wall}
+        try:
+            result["suites"][name] = importlib.import_module(f"benchmarks.{name}").run(**kwargs)
+        except Exception as err:  # not BaseException: Ctrl-C still stops the whole bench
+            console.print_exception()
+            result["failed"][name] = " ".join(f"{type(err).__name__}: {err}".split())
+            console.print(f"[red]bench: {name} failed[/]: {result['failed'][name]}")
+        result["wall_s"][name] = time.perf_counter() - start
+        if name not in result["failed"]:
+            console.print(f"bench: {name} done in {result['wall_s'][name]:.1f} s")
+        if after_each is not None:
+            after_each(result)
+    return result
 
 
 def _command(names: list[str], quick: bool, device: str, preset: str | None, out: Path,
@@ -118,20 +140,25 @@ def bench(
     info = report.machine()  # before the suites: the load average is the box's, not ours
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     commit = report.git_commit()
-    result = run_suites(names, quick, device, presets)
+
+    def dump(result: dict[str, Any]) -> None:  # after every suite: a later crash keeps these
+        if json_out:
+            raw = {"command": command, "date": date, "commit": commit, "machine": info, **result}
+            report.write_atomic(json_out, json.dumps(raw, indent=2) + "\n")
+
+    result = run_suites(names, quick, device, presets, after_each=dump)
     walls = ", ".join(f"{k} {v:.0f} s" for k, v in result["wall_s"].items())
-    body = "\n\n".join(
-        [
-            report.header(info, command, date, commit),
-            f"Wall time per suite: {walls}.",
-            tables.render(result["suites"]),
-        ]
-    )
-    report.update_results(out, body)
-    if json_out:
-        raw = {"command": command, "date": date, "commit": commit, "machine": info, **result}
-        report.write_atomic(json_out, json.dumps(raw, indent=2) + "\n")
+    failed = [f"suite {k} failed: {v}" for k, v in result["failed"].items()]
+    parts = [report.header(info, command, date, commit), f"Wall time per suite: {walls}."]
+    parts += ["\n\n".join(failed)] if failed else []  # one paragraph each: one line each
+    parts += [tables.render(result["suites"])] if result["suites"] else []
+    report.update_results(out, "\n\n".join(parts))
     console.print(f"[green]wrote[/] {out}" + (f" and {json_out}" if json_out else ""))
+    if failed:
+        console.print(
+            f"[red]bench: {len(failed)} suite(s) failed[/]: {', '.join(result['failed'])}"
+        )
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,7 +1,7 @@
 """Data-loading throughput: Ray Data pipeline vs a single-process webdataset loop, same S3 shards.
 
-Starts a local S3 endpoint (moto_server on a free port), writes synthetic shards to it with
-`data.shards.synth`, fits the embedded codecs, then measures samples/s for
+Starts a local S3 endpoint (`data.local_s3`: moto_server on a free port), writes synthetic
+shards to it with `data.shards.synth`, fits the embedded codecs, then measures samples/s for
   plain  : `data.reader.iter_samples` in this process (decode; decode + codec encode)
   ray    : `data.ray_data.build_dataset` / `latent_dataset` on a local Ray with 1 and 2 CPUs
 and prints the figures with ray/plain ratios. Each Ray figure is the best of `--repeats` runs
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,33 +26,6 @@ if not __package__:  # run as a script: import from the repo root, not from this
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-_AWS_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-
-
-def _start_s3() -> tuple[subprocess.Popen, str]:
-    import boto3
-
-    from tests.fixtures import free_port
-    from tests.fixtures.s3 import _wait_up
-
-    port = free_port()
-    proc = subprocess.Popen(
-        ["moto_server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    _wait_up(url, proc)
-    os.environ.update(
-        AWS_ENDPOINT_URL=url,
-        AWS_ACCESS_KEY_ID="bench",
-        AWS_SECRET_ACCESS_KEY="bench",
-        AWS_DEFAULT_REGION="us-east-1",
-    )
-    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="bench")
-    return proc, url
 
 
 def _rate(run: Callable[[], Iterable], expect: int) -> tuple[float, float]:
@@ -112,29 +84,26 @@ def run(clips: int = 16, seconds: float = 5.04, shard_size: int = 4, repeats: in
     """samples/s of each pipeline on the same shards, and each one's ratio to the plain loop."""
     import torch
 
+    from data.local_s3 import local_s3
     from data.reader import iter_samples
     from data.shards import synth
     from model.codecs import fit_codecs, save_codecs
 
-    threads, env = torch.get_num_threads(), dict(os.environ)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the plain loop gets one core, like one Ray CPU
-    proc, url = _start_s3()
     try:
-        path = "s3://bench/shards"
-        synth(path, clips, seconds=seconds, shard_size=shard_size, seed=0)
-        codec_dir = tempfile.mkdtemp(prefix="bench-codec-")
-        save_codecs(codec_dir, *fit_codecs((s.frames, s.audio) for s in iter_samples(path)))
-        rows = {"plain 1 process": _plain(path, codec_dir, clips)}
-        for cpus in (1, 2):
-            rows[f"ray {cpus} CPU"] = _ray(path, codec_dir, clips, cpus, repeats)
+        # local_s3 restores AWS_* and reaps moto_server however this ends: later suites in the
+        # same process must not talk to a stopped endpoint.
+        with local_s3("bench", key="bench"):
+            path = "s3://bench/shards"
+            synth(path, clips, seconds=seconds, shard_size=shard_size, seed=0)
+            codec_dir = tempfile.mkdtemp(prefix="bench-codec-")
+            save_codecs(codec_dir, *fit_codecs((s.frames, s.audio) for s in iter_samples(path)))
+            rows = {"plain 1 process": _plain(path, codec_dir, clips)}
+            for cpus in (1, 2):
+                rows[f"ray {cpus} CPU"] = _ray(path, codec_dir, clips, cpus, repeats)
     finally:
-        proc.terminate()
         torch.set_num_threads(threads)
-        # Later suites in the same process must not talk to the stopped S3 endpoint.
-        for key in _AWS_KEYS:
-            os.environ.pop(key, None)
-            if key in env:
-                os.environ[key] = env[key]
     plain = rows["plain 1 process"]
     for r in rows.values():
         for kind in ("decode", "decode+encode"):

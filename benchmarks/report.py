@@ -20,7 +20,8 @@ END = "<!-- bench:end -->"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cpu_model() -> str:
+def machine_cpu() -> str:
+    """The CPU's model name (/proc/cpuinfo; `platform` elsewhere); scripts/teacher_record.py too."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -47,7 +48,7 @@ def machine() -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {
-        "cpu": _cpu_model(),
+        "cpu": machine_cpu(),
         "logical_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "ram_gib": _ram_gib(),

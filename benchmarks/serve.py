@@ -158,7 +158,9 @@ def main() -> None:
             f"mean TTFC {c['mean_ttfc_s'] * 1e3:.0f} ms, real-time factor/stream {c['rtf_per_stream']:.2f}"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        from benchmarks.report import write_atomic
+
+        write_atomic(Path(args.json), json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

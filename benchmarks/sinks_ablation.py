@@ -157,7 +157,9 @@ def main() -> None:
     result["config"] = vars(args)
     print(json.dumps(result, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        from benchmarks.report import write_atomic
+
+        write_atomic(Path(args.json), json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -25,20 +25,13 @@ if not __package__:  # run as a script: import from the repo root, not from this
 
 import torch
 
+from benchmarks.flops import K_STEPS, mfu, peak_flops
 from model import AVDiT, BlockLayout, flow, preset
 from model.sampling import guided_velocity
 from model.streaming import rollout_blocks
 
-K_STEPS = len(flow.DEFAULT_STUDENT_SIGMAS)
 TEACHER_STEPS = 40
 CFG_PASSES = 2  # cond + uncond per teacher step
-# Dense peak FLOP/s (bf16 tensor cores, fp32 without) by GPU name; unknown GPUs count as H100 SXM.
-PEAK_FLOPS = {
-    "H100 PCIe": {torch.bfloat16: 756e12, torch.float32: 51e12},
-    "H100": {torch.bfloat16: 989e12, torch.float32: 67e12},
-    "H200": {torch.bfloat16: 989e12, torch.float32: 67e12},
-    "A100": {torch.bfloat16: 312e12, torch.float32: 19.5e12},
-}
 
 
 def _sync(device: torch.device) -> None:
@@ -121,23 +114,6 @@ def teacher_clip_time(name, seconds, device, dtype, steps=TEACHER_STEPS) -> floa
     return time.perf_counter() - t
 
 
-def forward_flops(
-    model: AVDiT, n_video_tokens: int, n_audio_tokens: int, kv_video: int, kv_audio: int
-):
-    """Approximate FLOPs of one forward on n tokens attending to kv tokens (matmuls only)."""
-    cfg = model.cfg
-    dv, da, f = cfg.video.width, cfg.audio.width, cfg.ffn_mult
-    per_layer = (
-        2 * n_video_tokens * (4 * dv * dv + 2 * dv * dv + 2 * f * dv * dv + 2 * dv * da)
-        + 2 * n_audio_tokens * (4 * da * da + 2 * da * da + 2 * f * da * da + 2 * da * dv)
-        + 4 * n_video_tokens * kv_video * dv
-        + 4 * n_audio_tokens * kv_audio * da
-        + 4 * n_video_tokens * kv_audio * da
-        + 4 * n_audio_tokens * kv_video * da
-    )
-    return per_layer * cfg.layers
-
-
 def _flat_cost(model: AVDiT, blocks: int, window: int, device, dtype) -> dict:
     """Per-block latency at block 5 vs block `blocks - 2` of one clip with a rolling window."""
     if blocks < 12:  # block 5's median window (blocks 3..7) must not overlap the late one
@@ -182,21 +158,6 @@ def _student_clip(model: AVDiT, device, dtype) -> dict:
     return out
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    name = torch.cuda.get_device_name(device)
-    gpu = next((k for k in PEAK_FLOPS if k in name), "H100")  # first match: "H100 PCIe" first
-    return PEAK_FLOPS[gpu][dtype]
-
-
-def _mfu(model: AVDiT, late_s: float, window: int, peak: float) -> float:
-    """Model FLOPs utilisation of a late block (K denoise calls + the commit call)."""
-    cfg = model.cfg
-    nvt = cfg.video_block_latents * cfg.video_tokens_per_frame
-    kv_audio = cfg.audio_block_latents * window
-    flops = forward_flops(model, nvt, cfg.audio_block_latents, nvt * window, kv_audio)
-    return flops * (K_STEPS + 1) / late_s / peak
-
-
 def run_preset(
     name: str, device: torch.device, dtype, long_blocks: int, window: int, cache_block: int = 20
 ) -> dict:
@@ -212,7 +173,7 @@ def run_preset(
     out.update(_student_clip(model, device, dtype))
     if device.type == "cuda":
         out["peak_flops"] = peak_flops(device, dtype)
-        out["mfu"] = _mfu(model, flat["late_s"], window, out["peak_flops"])
+        out["mfu"] = mfu(model, flat["late_s"], window, out["peak_flops"])
     del model  # an ltx2 student and teacher do not fit on one GPU together
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -240,7 +201,7 @@ def run(
 
 
 def main() -> None:
-    from benchmarks.report import machine
+    from benchmarks.report import machine, write_atomic
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--preset", nargs="+", default=["tiny", "demo"])
@@ -255,7 +216,7 @@ def main() -> None:
     for r in results["runs"]:
         print(json.dumps(r, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_atomic(Path(args.json), json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

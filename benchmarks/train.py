@@ -14,19 +14,58 @@ It does not tune anything; on a shared 2-core box throughput ratios are noisy (r
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-ROOT = Path(__file__).resolve().parents[1]
 if not __package__:  # run as a script: import from the repo root, not from this folder
-    sys.path[0] = str(ROOT)
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if TYPE_CHECKING:
+    from pipeline.config import JobConfig
+
+# configs/tiny.yaml as a dict: configs/ is not part of the installed package, and
+# `omniforcing bench` must run from a plain `pip install .`. tests/test_bench.py asserts that it
+# equals the YAML, so the two cannot drift.
+TINY: dict[str, Any] = {
+    "model": {"preset": "tiny"},
+    "data": {"source": "random", "batch_size": 2, "seconds": 1, "random_clips": 16},
+    "train": {
+        "steps": 6,
+        "lr": 3.0e-3,
+        "warmup_steps": 1,
+        "schedule": "cosine",
+        "grad_accum": 1,
+        "clip_grad": 1.0,
+        "text_dropout": 0.1,
+        "seed": 0,
+        "zero_stage": 2,
+        "precision": "fp32",
+        "checkpoint_every": 3,
+        "keep_checkpoints": 2,
+        "reliance_every": 3,
+        "plot_every": 0,
+    },
+    "scaling": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 0.5, "max_failures": 1},
+    "storage": {"path": "runs/tiny"},
+    "mlflow": {"experiment": "omniforcing-tiny"},
+}
+
+
+def tiny_config(overrides: list[str]) -> JobConfig:
+    """The tiny job config (TINY) with `--set`-style overrides applied, validated."""
+    from pipeline.config import apply_override, parse_override, validate
+
+    raw = copy.deepcopy(TINY)
+    for text in overrides:
+        apply_override(raw, *parse_override(text))
+    return validate(raw, source="benchmarks.train.TINY")
 
 
 def _tensor_bytes(obj: Any) -> int:
@@ -52,7 +91,7 @@ def memory_loop(loop_cfg: dict[str, Any]) -> None:
     from pipeline.config import validate
     from pipeline.parallelize import _local
     from pipeline.stages.teacher import TeacherStage
-    from pipeline.trainer import BatchStream, _context
+    from pipeline.worker_loop import BatchStream, _context
 
     cfg = validate(loop_cfg["config"])
     ctx = _context(cfg)
@@ -120,8 +159,6 @@ def run(steps: int = 12) -> dict:
     """samples/s with 1 and 2 workers, and ZeRO-3 vs ZeRO-2 bytes per rank, on a private local Ray."""
     import ray
 
-    from pipeline.config import load_config
-
     root = tempfile.mkdtemp(prefix="omni-bench-")
     common = [
         f"train.steps={steps}",
@@ -132,16 +169,15 @@ def run(steps: int = 12) -> dict:
         "mlflow.experiment=bench",
         "data.random_clips=64",
     ]
-    config = str(ROOT / "configs" / "tiny.yaml")
     # address="local": always a new cluster, never one already running on this machine.
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         sps, mem = {}, {}
         for workers in (1, 2):
-            cfg = load_config(config, [*common, f"scaling.num_workers={workers}"])
+            cfg = tiny_config([*common, f"scaling.num_workers={workers}"])
             sps[workers] = measure_throughput(cfg)
         for stage in (2, 3):
-            cfg = load_config(config, [*common, f"train.zero_stage={stage}"])
+            cfg = tiny_config([*common, f"train.zero_stage={stage}"])
             mem[stage] = measure_memory(cfg)
     finally:
         ray.shutdown()

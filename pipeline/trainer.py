@@ -23,10 +23,6 @@ from pipeline import checkpoint as ck
 from pipeline import tracking
 from pipeline.config import JobConfig, resume_diff
 from pipeline.stages import get_stage
-
-# Explicit re-exports: benchmarks/train.py imports these worker-side names from here.
-from pipeline.worker_loop import BatchStream as BatchStream
-from pipeline.worker_loop import _context as _context
 from pipeline.worker_loop import cpu_threads, train_loop
 
 

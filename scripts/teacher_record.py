@@ -15,21 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 from pathlib import Path
 
 KEYS = ("loss", "loss/video", "loss/audio", "grad_norm", "lr", "samples_per_s")
 RELIANCE = ("reliance/audio_on_video", "reliance/video_on_audio")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def histories(uri: str, run: str, keys: tuple[str, ...], upto: int) -> dict[str, list]:
@@ -54,6 +43,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("pipeline/assets/demo-teacher-record"))
     args = ap.parse_args()
 
+    from benchmarks.report import machine_cpu
     from pipeline.plots import loss_curve
 
     metrics = histories(args.tracking_uri, args.run, KEYS + RELIANCE, args.step)
@@ -66,7 +56,7 @@ def main() -> None:
         "exported": f"omniforcing export --checkpoint <run>/step-{args.step:08d} "
         "--out pipeline/assets/demo-teacher (EMA weights)",
         "hardware": {
-            "cpu": cpu_name(),
+            "cpu": machine_cpu(),
             "cores": os.cpu_count(),
             "gpu": None,
             "note": args.note,

@@ -2,17 +2,27 @@
 
 Runs the real quick suites (size on the meta device, streaming with the tiny preset) through the
 CLI into a temporary RESULTS.md. Asserts structure and that figures are numbers; never timings.
+Also: a failing suite keeps the others' figures, the data suite's S3 endpoint cleans up after
+itself, and the train suite's in-code tiny config is configs/tiny.yaml.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import urllib.request
+from pathlib import Path
 
+import psutil
 import pytest
+import yaml
 from typer.testing import CliRunner
 
+import benchmarks.data
 from benchmarks.report import BEGIN, END, replace_region
+from benchmarks.train import TINY
+from data.local_s3 import ENV_KEYS, local_s3
 from pipeline.cli import app
 
 HAND = (
@@ -79,3 +89,48 @@ def test_region_markers_are_never_guessed():
         replace_region(f"# T\n{END}\n{BEGIN}\n", "x")
     with pytest.raises(ValueError, match="unbalanced"):
         replace_region(f"# T\n{BEGIN}\n", "x")
+
+
+def test_a_failing_suite_keeps_the_others_and_exits_non_zero(tmp_path, monkeypatch):
+    out, raw = tmp_path / "RESULTS.md", tmp_path / "raw.json"
+
+    def broken(**_: object) -> dict:
+        # --json is written after every suite: size's figures are on disk before data runs.
+        assert "size" in json.loads(raw.read_text())["suites"]
+        raise RuntimeError("moto_server\nwent away")
+
+    monkeypatch.setattr(benchmarks.data, "run", broken)
+    args = ["bench", "--quick", "--only", "size,data", "--out", str(out), "--json", str(raw)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    text = out.read_text()
+    assert re.search(r"^suite data failed: RuntimeError: moto_server went away$", text, re.M)
+    assert "### Model size" in text  # the suite that finished is still rendered
+    dumped = json.loads(raw.read_text())
+    assert dumped["suites"].keys() == {"size"}
+    assert dumped["failed"] == {"data": "RuntimeError: moto_server went away"}
+    assert dumped["wall_s"].keys() == {"size", "data"}
+
+
+def test_local_s3_restores_the_environment_and_reaps_the_server(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "outer")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    before = {k: os.environ.get(k) for k in ENV_KEYS}
+    me = psutil.Process()
+    with pytest.raises(RuntimeError, match="suite body failed"):
+        with local_s3("bench-test", key="bench") as url:
+            assert os.environ["AWS_ENDPOINT_URL"] == url
+            assert os.environ["AWS_ACCESS_KEY_ID"] == "bench"
+            port = url.rsplit(":", 1)[1]
+            (server,) = [c for c in me.children() if port in c.cmdline()]
+            raise RuntimeError("suite body failed")
+    assert {k: os.environ.get(k) for k in ENV_KEYS} == before
+    assert server.pid not in {c.pid for c in me.children()}  # waited for, not a zombie
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url, timeout=2)
+
+
+def test_train_suite_config_is_configs_tiny_yaml():
+    # The bench builds it in code (configs/ is not installed); this keeps the two equal.
+    yaml_path = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    assert TINY == yaml.safe_load(yaml_path.read_text())

@@ -1,4 +1,7 @@
-"""Package boundaries: model/ imports only torch (and the stdlib); dependencies point one way."""
+"""Package boundaries: model/ imports only torch (and the stdlib); dependencies point one way.
+
+model → data → pipeline → deploy → benchmarks; no installed package imports tests/.
+"""
 
 import ast
 import sys
@@ -19,10 +22,13 @@ FORBIDDEN = {
         "av",
         "fastapi",
         "benchmarks",
+        "tests",
     },
-    "data": {"pipeline", "deploy", "benchmarks"},
-    "pipeline": {"deploy", "benchmarks"},
-    "deploy": {"benchmarks"},  # benchmarks is the top layer: only the CLI registers it
+    "data": {"pipeline", "deploy", "benchmarks", "tests"},
+    "pipeline": {"deploy", "benchmarks", "tests"},
+    "deploy": {"benchmarks", "tests"},  # benchmarks is the top layer: only the CLI registers it
+    # tests/ is not installed: an import of it breaks the `omniforcing` console script.
+    "benchmarks": {"tests"},
 }
 
 
