@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
@@ -46,8 +47,11 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """load_state_dict with a clear error listing missing / unexpected / mis-shaped keys."""
+def load_state_strict(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, assign: bool = False
+) -> None:
+    """load_state_dict with a clear error listing missing / unexpected / mis-shaped keys.
+    `assign`: the module's tensors become `state`'s (a meta-device module gets real weights)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -62,7 +66,24 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], w
             f"{'…' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
             f"{'…' if len(unexpected) > 8 else ''}, shape mismatches {shapes[:8]}"
         )
-    module.load_state_dict(state)
+    module.load_state_dict(state, assign=assign)
+
+
+def load_dit(cfg: ModelConfig, path: Path, device=None, dtype=None) -> AVDiT:
+    """An AVDiT with the weights of `path`, built on the meta device (shapes only: no random
+    init, no memory) and filled tensor by tensor from the mmapped safetensors file, each cast
+    to `dtype` (floating tensors; None keeps the file's) on `device` (None: CPU). Peak host
+    memory is one tensor, not the model: an ltx2 DiT in fp32 is ~76 GB."""
+    with torch.device("meta"):
+        model = AVDiT(cfg)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    state = {}
+    with safe_open(path, framework="pt", device="cpu") as f:
+        for key in f.keys():  # safe_open is not a mapping
+            t = f.get_tensor(key)
+            state[key] = t.to(dev, dtype if t.is_floating_point() else None)
+    load_state_strict(model, state, str(path), assign=True)
+    return model
 
 
 @dataclass
@@ -126,12 +147,19 @@ class Bundle:
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike, device=None, verify: bool = True
+        cls, directory: str | os.PathLike, device=None, verify: bool = True, dtype=None
     ) -> Bundle:
+        """Load a saved bundle. With `device` or `dtype` the DiT is read straight onto `device`
+        in `dtype` (`load_dit`: never a full fp32 copy in host memory) and the text encoder is
+        moved to `device` (fp32); codecs stay on the CPU. Without them: all fp32 on the CPU."""
         d = Path(directory)
         config = read_config(d, verify)
-        model = AVDiT(ModelConfig.from_dict(config["model"]))
-        load_state_strict(model, load_file(d / "model.safetensors"), f"{d}/model.safetensors")
+        mcfg = ModelConfig.from_dict(config["model"])
+        if device is None and dtype is None:
+            model = AVDiT(mcfg)
+            load_state_strict(model, load_file(d / "model.safetensors"), f"{d}/model.safetensors")
+        else:
+            model = load_dit(mcfg, d / "model.safetensors", device, dtype)
         text = WordTextEncoder.from_config(config["text_encoder"])
         load_state_strict(text, load_file(d / "text.safetensors"), f"{d}/text.safetensors")
         codec_state = load_file(d / "codecs.safetensors")

@@ -169,22 +169,24 @@ def cluster_resources(address: str | None) -> tuple[dict[str, float], str]:
 
 
 def check_resources(cfg: JobConfig, address: str | None = None) -> list[Line]:
-    """CPUs and GPUs asked for (num_workers x per-worker) against what the cluster has."""
+    """CPUs and GPUs asked for (num_workers x per-worker, plus the teacher actors) against
+    what the cluster has."""
     res, source = cluster_resources(address)
     if not res:
         return [Line("ray", False, source)]
-    sc = cfg.scaling
-    need_cpu = sc.num_workers * sc.cpus_per_worker
-    need_gpu = sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0.0
-    d = cfg.distill
-    if "actors" in (d.teacher_mode, d.real_score):  # teacher actors run beside the trainers
-        need_gpu += d.actors * d.actor_gpus
+    sc, d = cfg.scaling, cfg.distill
+    actor_cpu, actor_gpu = d.actor_resources()  # teacher actors run beside the trainers
+    need_cpu = sc.num_workers * sc.cpus_per_worker + actor_cpu
+    need_gpu = (sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0.0) + actor_gpu
+    cpu_sum = f"{sc.num_workers} x {sc.cpus_per_worker:g}"
+    if actor_cpu:
+        cpu_sum += f" + {d.actors} x {d.actor_cpus:g} (distill.actors x actor_cpus)"
     mem_gib = res["memory"] / 2**30
     lines = [
         Line(
             "cpus",
             need_cpu <= res["CPU"],
-            f"need {sc.num_workers} x {sc.cpus_per_worker:g} = {need_cpu:g}, "
+            f"need {cpu_sum} = {need_cpu:g}, "
             f"have {res['CPU']:g} ({source}; memory {mem_gib:.1f} GiB)",
         ),
         Line(

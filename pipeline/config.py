@@ -153,8 +153,9 @@ class DistillSection(_Strict):
     real_score: Literal["local", "actors"] = "local"
     actors: int = Field(default=1, ge=1)  # teacher actor pool size (teacher_mode / real_score)
     actor_cpus: float = Field(default=0.5, gt=0.0)  # logical CPUs per teacher actor
-    # GPUs per teacher actor (Ray num_gpus, fractions share a card): > 0 runs the teacher on
-    # CUDA in bf16; 0 keeps it on the actor's CPU in fp32 with one thread.
+    # GPUs per teacher actor (Ray num_gpus, fractions share a card): > 0 runs the teacher DiT on
+    # CUDA in bf16 (ODE state, CFG and x0 in fp32); 0 keeps it on the actor's CPU in fp32 with
+    # one thread.
     actor_gpus: float = Field(default=0.0, ge=0.0)
     actor_batch_size: int = Field(default=2, ge=1)  # rows per map_batches call
     trajectory_cache: str | None = None  # folder of trajectory shards (None: stream, no cache)
@@ -167,6 +168,16 @@ class DistillSection(_Strict):
     loss_scope: Literal["every_block", "last_block"] = "last_block"  # V1: last block only
     prefix: Literal["generated", "clean_from_teacher"] = "clean_from_teacher"  # block 0 source
     grad_norm_every: int = Field(default=1, ge=0)  # per-modality grad norms; 0 disables
+
+    def actor_resources(self) -> tuple[float, float]:
+        """(CPUs, GPUs) the teacher actors take beside the trainers: `actors` x (`actor_cpus`,
+        `actor_gpus`) when a stage runs its teacher as Ray actors (`teacher_mode` for `ode`,
+        `real_score` for `self-forcing`), else (0, 0). A job runs one stage, so at most one
+        pool is alive: both modes set still count once. Used by `omniforcing check` and by
+        `pipeline.trainer.ensure_ray`, so the check and the local instance agree."""
+        if "actors" not in (self.teacher_mode, self.real_score):
+            return 0.0, 0.0
+        return self.actors * self.actor_cpus, self.actors * self.actor_gpus
 
 
 class JobConfig(_Strict):
@@ -206,8 +217,9 @@ _RESUME_FREE = (
     # Where the DMD real score runs (same teacher, same CFG). Free also so that adding the key
     # left the fingerprints of configs written before it unchanged.
     "distill.real_score",
-    # Where the teacher actors compute (same teacher, same CFG; bf16 vs fp32 only moves rounding).
-    # Free also so that adding the key left existing fingerprints unchanged.
+    # Where the teacher actors compute (same teacher, same CFG): > 0 runs the teacher DiT in bf16,
+    # but the ODE state, CFG and x0 stay fp32 either way, so only the network's own rounding
+    # differs. Free also so that adding the key left existing fingerprints unchanged.
     "distill.actor_gpus",
     "storage",
     "mlflow",

@@ -4,7 +4,8 @@
 `pipeline.trainer` publishes at the end of a stage) as a pyfunc model version and moves the alias.
 The pyfunc is logged as *models from code* (a small Python file, no cloudpickle) with the Bundle
 directory as its artifact. `load_bundle(uri)` turns `models:/name@alias`, `runs:/…` or a local
-folder back into a `model.Bundle`; it imports only mlflow and model (no training code, no Ray).
+folder back into a `model.Bundle` (`bundle_dir(uri)`: only its local folder, downloaded if need
+be); it imports only mlflow and model (no training code, no Ray).
 """
 
 from __future__ import annotations
@@ -135,15 +136,14 @@ def _find_bundle_dir(root: Path) -> Path:
     )
 
 
-def load_bundle(uri: str, dst: str | Path | None = None, device: Any = None) -> Any:
-    """A `model.Bundle` from `models:/name@alias`, `models:/name/3`, `runs:/id/path` or a folder."""
-    from model.bundle import Bundle
-
+def bundle_dir(uri: str, dst: str | Path | None = None) -> Path:
+    """The local Bundle folder of `models:/name@alias`, `models:/name/3`, `runs:/id/path` (downloaded
+    to `dst`, else a temp folder) or a folder, without loading the Bundle."""
     local = Path(uri)
     if "://" not in uri and ":/" not in uri:
         if not local.is_dir():
             raise FileNotFoundError(f"bundle folder {uri!r} does not exist")
-        return Bundle.from_pretrained(_find_bundle_dir(local), device=device)
+        return _find_bundle_dir(local)
     import mlflow
 
     target = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="omni-bundle-"))
@@ -151,4 +151,14 @@ def load_bundle(uri: str, dst: str | Path | None = None, device: Any = None) -> 
         path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target))
     except Exception as err:  # noqa: BLE001 — MlflowException/RestException: say which URI
         raise FileNotFoundError(f"cannot download model {uri!r}: {err}") from None
-    return Bundle.from_pretrained(_find_bundle_dir(Path(path)), device=device)
+    return _find_bundle_dir(Path(path))
+
+
+def load_bundle(
+    uri: str, dst: str | Path | None = None, device: Any = None, dtype: Any = None
+) -> Any:
+    """A `model.Bundle` from `models:/name@alias`, `models:/name/3`, `runs:/id/path` or a folder;
+    `device`/`dtype` go to `Bundle.from_pretrained` (the DiT is read straight onto them)."""
+    from model.bundle import Bundle
+
+    return Bundle.from_pretrained(bundle_dir(uri, dst), device=device, dtype=dtype)

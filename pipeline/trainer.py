@@ -53,9 +53,7 @@ def ensure_ray(cfg: JobConfig) -> None:
         ray.init(runtime_env=env)
         return
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2
-    d = cfg.distill
-    if d.real_score == "actors":  # long-lived teacher actors (self-forcing real score)
-        need += d.actors * d.actor_cpus
+    need += cfg.distill.actor_resources()[0]  # teacher actors (ode pool or real-score pool)
     ray.init(
         address="local",
         num_cpus=max(4, int(need + 0.999), os.cpu_count() or 1),

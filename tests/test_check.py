@@ -126,3 +126,38 @@ def test_teacher_actor_gpus_count_towards_the_gpus(tmp_path) -> None:
     assert "need 1.5 " in gpus.detail and "distill.actor_gpus=0.5" in gpus.detail
     local = _by_name(check_resources(load_config(None, sets[1:])))["gpus"]  # no actor mode
     assert "need 0 " in local.detail
+
+
+@pytest.mark.parametrize("mode", ["distill.teacher_mode=actors", "distill.real_score=actors"])
+def test_teacher_actor_cpus_count_towards_the_cpus(mode: str) -> None:
+    # Either actor pool (ode scorer or self-forcing real score) takes actors x actor_cpus.
+    from pipeline.check import check_resources
+    from pipeline.config import load_config
+
+    sets = ["distill.actors=3", "distill.actor_cpus=1.5", "scaling.cpus_per_worker=0.5"]
+    cfg = load_config(None, [mode, *sets])
+    assert cfg.distill.actor_resources() == (4.5, 0.0)
+    cpus = _by_name(check_resources(cfg))["cpus"]
+    assert "need 1 x 0.5 + 3 x 1.5 (distill.actors x actor_cpus) = 5," in cpus.detail
+    local = _by_name(check_resources(load_config(None, sets)))["cpus"]  # no actor mode
+    assert "need 1 x 0.5 = 0.5," in local.detail
+
+
+def test_local_ray_instance_reserves_what_the_check_counts(monkeypatch) -> None:
+    # ensure_ray's local instance holds the trainers, 2 spare CPUs and the same actor CPUs as
+    # the check (DistillSection.actor_resources); ray.init is captured, not called.
+    import ray
+
+    from pipeline.config import load_config
+    from pipeline.trainer import ensure_ray
+
+    seen: dict = {}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    sets = ["distill.actors=8", "distill.actor_cpus=1.5", "scaling.cpus_per_worker=0.5"]
+    for mode, want in (("teacher_mode", 15), ("real_score", 15), (None, 4)):
+        cfg = load_config(None, sets + ([f"distill.{mode}=actors"] if mode else []))
+        ensure_ray(cfg)
+        assert seen["num_cpus"] == want, mode  # ceil(0.5 + 2 + 8 x 1.5) = 15; floor of 4

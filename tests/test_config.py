@@ -84,6 +84,15 @@ def test_fingerprint_tracks_resume_relevant_keys_only() -> None:
     assert [d.split(":")[0] for d in diff] == ["train.lr", "train.zero_stage"]
 
 
+def test_actor_resources_count_one_pool_only_when_a_stage_uses_actors() -> None:
+    sets = ["distill.actors=4", "distill.actor_cpus=0.25", "distill.actor_gpus=0.5"]
+    assert load_config(None, sets).distill.actor_resources() == (0.0, 0.0)  # both local
+    for modes in (["distill.teacher_mode=actors"], ["distill.real_score=actors"]):
+        assert load_config(None, sets + modes).distill.actor_resources() == (1.0, 2.0)
+    both = ["distill.teacher_mode=actors", "distill.real_score=actors"]  # one stage at a time
+    assert load_config(None, sets + both).distill.actor_resources() == (1.0, 2.0)
+
+
 def test_lr_schedule_warmup_then_cosine_or_constant() -> None:
     cfg = load_config(None, ["train.steps=100", "train.warmup_steps=10", "train.min_lr_ratio=0.1"])
     lrs = [lr_multiplier(s, cfg) for s in range(100)]

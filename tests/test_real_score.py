@@ -191,3 +191,43 @@ def test_actor_placement_cpu_and_gpu() -> None:
     device, dtype = actor_placement(1.0)
     assert device.type == "cuda" and torch.get_num_threads() == 2  # threads left alone
     assert dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
+
+
+def test_gpu_actor_teacher_loads_straight_to_its_device_and_dtype(
+    tiny_teacher_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No GPU here: the meta device stands in for the card. A GPU actor's placement reaches
+    # Bundle.from_pretrained, which builds the DiT on meta and reads each tensor onto the
+    # device in bf16 (never a full fp32 copy on the host); a CPU actor loads as it always did.
+    from model import Bundle
+    from pipeline.distill import roles
+
+    seen: list[dict] = []
+    real = Bundle.from_pretrained.__func__
+
+    def spy(cls, directory, device=None, verify=True, dtype=None):
+        seen.append({"device": device, "dtype": dtype})
+        return real(cls, directory, device=device, verify=verify, dtype=dtype)
+
+    monkeypatch.setattr(Bundle, "from_pretrained", classmethod(spy))
+    meta, cpu_fp32 = (torch.device("meta"), torch.bfloat16), (torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(roles, "actor_placement", lambda gpus: meta if gpus > 0 else cpu_fp32)
+    gpu = roles.load_actor_teacher(str(tiny_teacher_dir), 1.0)
+    assert seen == [{"device": meta[0], "dtype": torch.bfloat16}]
+    params = list(gpu.model.parameters())
+    assert {(p.device.type, p.dtype, p.requires_grad) for p in params} == {
+        ("meta", torch.bfloat16, False)
+    }
+    cpu = roles.load_actor_teacher(str(tiny_teacher_dir), 0.0)
+    assert seen[1] == {"device": None, "dtype": None}  # the CPU path is unchanged
+    assert {p.dtype for p in cpu.model.parameters()} == {torch.float32}
+    # The direct read gives exactly the weights of the old load-then-cast path.
+    direct = Bundle.from_pretrained(tiny_teacher_dir, device="cpu", dtype=torch.bfloat16)
+    cast = Bundle.from_pretrained(tiny_teacher_dir).to("cpu", torch.bfloat16)
+    want = cast.model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in direct.model.state_dict().items())
+    from pipeline.registry import load_bundle  # the models:/ / runs:/ route passes them on too
+
+    reg = load_bundle(str(tiny_teacher_dir), device="cpu", dtype=torch.bfloat16)
+    assert seen[-1] == {"device": "cpu", "dtype": torch.bfloat16}
+    assert {p.dtype for p in reg.model.parameters()} == {torch.bfloat16}

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.stages.self_forcing import SelfForcingStage, noise_levels, rollout
+from pipeline.distill.rollout import noise_levels, rollout
+from pipeline.stages.self_forcing import SelfForcingStage
 from tests.fixtures.distill import PlainEngine, distill_config, make_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -47,6 +47,24 @@ def test_trajectory_points_and_seed_independence(tiny_teacher_dir: Path) -> None
     assert not torch.allclose(tv[0, -1], tv[0, 0])  # the teacher moved it
 
 
+def test_bf16_teacher_integrates_in_fp32(tiny_teacher_dir: Path) -> None:
+    # A GPU actor's teacher is bf16; the ODE state must not be: the σ = 1 point is the exact fp32
+    # noise (a bf16 state would round it) and the path stays near the fp32 teacher's.
+    ref_v, ref_a, _ = _traj(roles.load_teacher(str(tiny_teacher_dir)), ["a red ball"], [12])
+    bundle = roles.load_teacher(str(tiny_teacher_dir))
+    bundle.model.to(torch.bfloat16)
+    tv, ta, _ = _traj(bundle, ["a red ball"], [12])
+    assert tv.dtype == ta.dtype == torch.float32
+    assert torch.equal(tv[:, 0], ref_v[:, 0]) and torch.equal(ta[:, 0], ref_a[:, 0])
+    torch.testing.assert_close(tv, ref_v, atol=0.05, rtol=0.0)  # bf16 network rounding only
+    torch.testing.assert_close(ta, ref_a, atol=0.05, rtol=0.0)
+    xv, xa = tv[:, 1], ta[:, 1]  # guided_x0: fp32 in, fp32 out, the DiT in bf16
+    sv, sa = torch.full((1, 4), STUDENT[1]), torch.full((1, 26), STUDENT[1])
+    enc = bundle.text_encoder
+    x0v, x0a = tr.guided_x0(bundle.model, xv, xa, sv, sa, enc(["a"]), enc([""]), (3.0, 5.0))
+    assert x0v.dtype == x0a.dtype == torch.float32
+
+
 def _rows(n: int = 3) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     return [
@@ -66,6 +84,7 @@ def _rows(n: int = 3) -> list[dict]:
 def test_shards_round_trip_keyed_and_atomic(tmp_path: Path, tiny_teacher_dir: Path) -> None:
     fp = tr.teacher_fingerprint(tiny_teacher_dir)
     assert len(fp) == 64
+    assert tr.teacher_fingerprint(tiny_teacher_dir.parent) == fp  # found inside a folder too
     out = tr.trajectory_dir(tmp_path, fp, STUDENT)
     assert out.parent.name == f"teacher-{fp[:16]}" and "0.7507" in out.name
     rows = _rows()

@@ -18,8 +18,20 @@ from typing import Any
 
 import numpy as np
 
-from data.sync.audio import detect_onsets, dominant_pitch
+# The detectors' tuning constants are public names too (read them here; they are defined, and
+# take effect, in the submodule: assigning data.sync.X does not retune the detector).
+from data.sync.audio import (
+    ONSET_DROP_DB,
+    ONSET_FLOOR_DB,
+    ONSET_HOP_S,
+    ONSET_MIN_GAP_S,
+    ONSET_WINDOW_S,
+    detect_onsets,
+    dominant_pitch,
+)
 from data.sync.video import (
+    COS_POWER,
+    TRACK_RADIUS,
     analyse_motion,
     detect_contacts,
     dominant_colour,
@@ -29,6 +41,13 @@ from data.sync.video import (
 from data.world import parse_caption
 
 __all__ = [
+    "COS_POWER",
+    "ONSET_DROP_DB",
+    "ONSET_FLOOR_DB",
+    "ONSET_HOP_S",
+    "ONSET_MIN_GAP_S",
+    "ONSET_WINDOW_S",
+    "TRACK_RADIUS",
     "analyse_motion",
     "detect_contacts",
     "detect_onsets",

@@ -3,8 +3,8 @@
 - `RealScoreActor`: holds the frozen teacher Bundle (loaded once); `x0(xv, xa, sv, sa, captions,
   scales)` returns the teacher's CFG x0 via `trajectories.guided_x0`, with text from the
   teacher's own encoder and "" as the null caption. numpy float32 in and out (never pickled
-  torch modules); with `distill.actor_gpus` > 0 it computes on its GPU in bf16, else in fp32 on
-  CPU with one intra-op thread (`roles.actor_placement`).
+  torch modules); with `distill.actor_gpus` > 0 its DiT runs on its GPU in bf16 (CFG and x0 in
+  fp32), else all in fp32 on CPU with one intra-op thread (`roles.actor_placement`).
 - `real_score_pool(cfg)`: driver side. Starts `distill.actors` actors with unique names, waits
   until each has its teacher, yields what the workers need to find them (`WorkerContext.extra`)
   and kills them when the block exits, failure included.
@@ -62,9 +62,11 @@ class RealScoreActor:
         """x_t video [B,Fv,h,w,C], audio [B,Fa,C], σ [B,Fv], [B,Fa] → CFG x0 (same shapes)."""
         enc = self.bundle.text_encoder
         text, null = enc([str(c) for c in captions]), enc([""])
-        dev, dt = self.device, self.dtype
-        x0v, x0a = guided_x0(  # latents in the teacher's dtype, σ in fp32 (as the sampler does)
-            self.bundle.model, _tensor(xv).to(dev, dt), _tensor(xa).to(dev, dt),
+        dev = self.device
+        # Latents and σ stay fp32: guided_x0 runs only the DiT in the teacher's dtype (bf16 on a
+        # GPU actor) and forms CFG and x0 in fp32, so the reply carries no bf16 x_t rounding.
+        x0v, x0a = guided_x0(
+            self.bundle.model, _tensor(xv).to(dev), _tensor(xa).to(dev),
             _tensor(sv).to(dev), _tensor(sa).to(dev),
             text, null, (float(scales[0]), float(scales[1])),
         )  # fmt: skip

@@ -31,24 +31,34 @@ def bundle_uri(ref: str) -> str:
     return f"runs:/{ref}/bundle" if RUN_ID.fullmatch(ref) and not Path(ref).exists() else ref
 
 
-def load_bundle_ref(ref: str, what: str, dst: str | None = None) -> Bundle:
-    """A Bundle from a local dir, or a `models:/` / `runs:/` URI or run id via the registry."""
+def load_bundle_ref(
+    ref: str,
+    what: str,
+    dst: str | None = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Bundle:
+    """A Bundle from a local dir, or a `models:/` / `runs:/` URI or run id via the registry.
+    `device`/`dtype`: the DiT is read straight onto them (`Bundle.from_pretrained`)."""
     if Path(ref).is_dir() and (Path(ref) / "config.json").is_file():
-        return Bundle.from_pretrained(ref)
+        return Bundle.from_pretrained(ref, device=device, dtype=dtype)
     try:
         from pipeline.registry import load_bundle
     except ImportError:
         raise ValueError(
             f"{what}={ref!r}: not a local Bundle dir and pipeline.registry is not available"
         ) from None
-    return load_bundle(bundle_uri(ref), dst=dst)
+    return load_bundle(bundle_uri(ref), dst=dst, device=device, dtype=dtype)
 
 
-def load_teacher(ref: str | None) -> Bundle:
-    """The teacher Bundle from `distill.teacher` (dir, models:/ or runs:/ URI, or run id)."""
+def load_teacher(
+    ref: str | None, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> Bundle:
+    """The teacher Bundle from `distill.teacher` (dir, models:/ or runs:/ URI, or run id);
+    fp32 on the CPU unless `device`/`dtype` are given."""
     if not ref:
         raise ValueError("distill.teacher is not set: give a teacher Bundle dir or models:/ URI")
-    bundle = load_bundle_ref(ref, "distill.teacher")
+    bundle = load_bundle_ref(ref, "distill.teacher", device=device, dtype=dtype)
     if bundle.model.cfg.causal:
         raise ValueError(f"distill.teacher={ref!r}: the teacher must be bidirectional (causal)")
     return bundle
@@ -74,9 +84,14 @@ def actor_placement(gpus: float) -> tuple[torch.device, torch.dtype]:
 
 def load_actor_teacher(ref: str | None, gpus: float) -> Bundle:
     """The frozen teacher for a Ray actor (trajectory scorer, real score), placed by
-    `actor_placement`: DiT in its dtype on its device, text encoder on the device (fp32)."""
+    `actor_placement`: DiT in its dtype on its device, text encoder on the device (fp32).
+    On a GPU the DiT is read straight onto the card in its dtype: loading it in fp32 on the
+    CPU first would take ~76 GB of host memory per actor at ltx2 size."""
     device, dtype = actor_placement(gpus)
-    bundle = load_teacher(ref)
+    if device.type == "cpu":  # fp32 on the CPU is how a bundle loads anyway
+        bundle = load_teacher(ref)
+    else:
+        bundle = load_teacher(ref, device, dtype)
     _freeze(bundle.model)
     return bundle.to(device, dtype)
 

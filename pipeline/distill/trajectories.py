@@ -5,8 +5,9 @@
   clean end: video [B, K+1, Fv, h, w, C], audio [B, K+1, Fa, C], σ [K+1] (last = 0).
 - `guided_x0`: the teacher's CFG x0 at per-frame σ (the DMD real score uses it too).
 - `TeacherScorer` + `score_dataset`: `map_batches` over an `ActorPoolStrategy` pool holding the
-  teacher (`distill.actor_gpus` each: GPU bf16, or CPU fp32 when 0); rows gain `traj_video`,
-  `traj_audio`, `traj_sigmas` (streamed into the trainers).
+  teacher (`distill.actor_gpus` each: DiT on GPU in bf16, or CPU fp32 when 0; the ODE state
+  is fp32 either way); rows gain `traj_video`, `traj_audio`, `traj_sigmas` (streamed into the
+  trainers).
 - Trajectory shards: webdataset tars of `<key>.safetensors` + `<key>.json` under
   `<root>/teacher-<sha256 of model.safetensors>/sigmas-<list>/`, written atomically, so a repeated
   or resumed job reuses them. Never pickles. No training and no losses live here.
@@ -44,13 +45,20 @@ def guided_x0(
     null: tuple[torch.Tensor, torch.Tensor],
     scales: tuple[float, float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CFG x0 (LTX-2 rule c + (s−1)(c−u) on velocity) at per-frame σ sv [B,Fv], sa [B,Fa]."""
-    b = xv.shape[0]
+    """CFG x0 (LTX-2 rule c + (s−1)(c−u) on velocity) at per-frame σ sv [B,Fv], sa [B,Fa].
+
+    Only the network runs in its own dtype (bf16 on a GPU teacher actor): the latents x_t are
+    cast for it, and its velocities come back in x_t's dtype, so CFG and x0 = x_t − σ·v are
+    computed at x_t's precision (fp32 ODE state stays fp32). When x_t is already in the model's
+    dtype (fp32 on CPU, the local bf16 real score) nothing is cast: results are as before.
+    """
+    b, dt = xv.shape[0], next(model.parameters()).dtype
     emb, mask = _stack_text(text, null)  # cond rows first, then uncond
     vv, va = model(
-        torch.cat([xv, xv]), torch.cat([xa, xa]), torch.cat([sv, sv]), torch.cat([sa, sa]),
-        emb.to(xv.dtype), mask,
+        torch.cat([xv, xv]).to(dt), torch.cat([xa, xa]).to(dt),
+        torch.cat([sv, sv]), torch.cat([sa, sa]), emb.to(dt), mask,
     )  # fmt: skip
+    vv, va = vv.to(xv.dtype), va.to(xa.dtype)  # [2B, Fv, h, w, C], [2B, Fa, C]
     gv = flow.guided(vv[:b], vv[b:], scales[0])
     ga = flow.guided(va[:b], va[b:], scales[1])
     return flow.x0_from_velocity(xv, gv, sv), flow.x0_from_velocity(xa, ga, sa)
@@ -82,9 +90,13 @@ def teacher_trajectory(
     steps: int = 40,
     scales: tuple[float, float] = (3.0, 5.0),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(traj_v [B,K+1,Fv,h,w,C], traj_a [B,K+1,Fa,C], σ [K+1]) at the student's σ + clean end.
+    """(traj_v [B,K+1,Fv,h,w,C], traj_a [B,K+1,Fa,C], σ [K+1]) at the student's σ + clean end,
+    float32 on the model's device.
 
-    `shapes` = (video [Fv,h,w,C], audio [Fa,C]) of one clip; `seeds` one per caption.
+    `shapes` = (video [Fv,h,w,C], audio [Fa,C]) of one clip; `seeds` one per caption. The ODE
+    state is integrated in fp32 whatever the model's dtype: a bf16 state (8-bit mantissa) would
+    round at each of the ~40 Euler steps and the regression targets would carry the sum; only
+    the network's inputs are cast to its dtype (`guided_x0`).
     """
     p = next(model.parameters())
     vshape, ashape = shapes
@@ -92,7 +104,7 @@ def teacher_trajectory(
     na = torch.stack(
         [flow.randn(ashape, torch.Generator().manual_seed(s + 1)) for s in seeds]
     )  # [B, Fa, C]
-    xv, xa = nv.to(p.device, p.dtype), na.to(p.device, p.dtype)
+    xv, xa = nv.to(p.device, torch.float32), na.to(p.device, torch.float32)
     text = text_encoder(list(captions))
     null = text_encoder([""])
     n_tokens = vshape[0] * model.cfg.video_tokens_per_frame + ashape[0]
@@ -183,15 +195,11 @@ def score_dataset(ds: Any, cfg: Any) -> Any:
 def teacher_fingerprint(ref: str | os.PathLike) -> str:
     """sha256 of the teacher's model.safetensors (its manifest's entry); URIs are downloaded."""
     d = Path(ref)
-    if not (d / "model.safetensors").is_file():
-        from pipeline.distill.roles import load_bundle_ref
+    if not (d / "model.safetensors").is_file():  # download only: no need to load the Bundle
+        from pipeline.distill.roles import bundle_uri
+        from pipeline.registry import bundle_dir
 
-        tmp = tempfile.mkdtemp(prefix="omni-teacher-")
-        load_bundle_ref(str(ref), "distill.teacher", dst=tmp)
-        found = sorted(Path(tmp).rglob("model.safetensors"))
-        if not found:
-            raise ValueError(f"distill.teacher={str(ref)!r}: no model.safetensors in its bundle")
-        d = found[0].parent
+        d = bundle_dir(bundle_uri(str(ref)), tempfile.mkdtemp(prefix="omni-teacher-"))
     manifest = d / "manifest.json"
     if manifest.is_file():
         digest = json.loads(manifest.read_text()).get("model.safetensors")

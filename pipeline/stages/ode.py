@@ -102,8 +102,8 @@ class OdeStage:
                 d.teacher_steps,
                 (d.ode_cfg_video, d.ode_cfg_audio),
             )
-            for j, i in enumerate(todo):
-                self._traj[keys[i]] = (tv[j], ta[j], sig)
+            for j, i in enumerate(todo):  # fp32 ODE states → the student's compute dtype
+                self._traj[keys[i]] = (tv[j].to(ctx.dtype), ta[j].to(ctx.dtype), sig)
         rows = [self._traj[k] for k in keys]
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), rows[0][2]
 
