@@ -29,8 +29,6 @@ from deploy.demo_steps import (
     train_teacher,
 )
 
-SHIPPED_TEACHER = Path(__file__).resolve().parents[1] / "pipeline" / "assets" / "demo-teacher"
-
 
 def demo(
     out: Annotated[
@@ -57,9 +55,9 @@ def demo(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key.")] = None,
 ) -> None:
     """Synthetic data → teacher → ODE + Self-Forcing student → MLflow → promote → serve → clip."""
-    from model import Bundle
     from pipeline.commands import user_errors
     from pipeline.config import load_config
+    from pipeline.distill import roles
     from pipeline.registry import promote
 
     t0 = time.perf_counter()
@@ -78,8 +76,8 @@ def demo(
         if teacher == "scratch":
             secs = cfg.data.seconds + 1 / 24
             teacher = train_teacher(root, cfg, teacher_config, teacher_steps, clips, secs)
-        teacher_dir = str(SHIPPED_TEACHER) if teacher == "shipped" else teacher
-        tb = Bundle.from_pretrained(teacher_dir)
+        teacher_dir = roles.bundle_uri(teacher)  # `shipped` → the packaged demo teacher
+        tb = roles.load_bundle_ref(teacher_dir, "--teacher")
         prepare_data(root, clips, cfg.data.seconds + 1 / 24, tb, cfg.train.seed)
         runs = distill(cfg, teacher_dir, ode_steps, sf_steps)
         step("promote the student")

@@ -136,7 +136,7 @@ class DistillSection(_Strict):
         init_from: str = "teacher"  # teacher | random | Bundle dir / models:/ / runs:/ / run id
         trainable: bool = True
 
-    teacher: str | None = None  # Bundle dir, models:/ URI or MLflow run id of the teacher
+    teacher: str | None = None  # `shipped`, Bundle dir, models:/ URI or MLflow run id
     student: Role = Role()  # causal, fresh audio sinks on top of the teacher's weights
     critic: Role = Role()  # bidirectional fake-score network (self-forcing only)
     student_sigmas: list[float] = [1.0, 0.7507, 0.5448]  # few-step σ list of the student (V1)

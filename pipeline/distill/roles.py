@@ -24,10 +24,17 @@ SINK_KEY = "audio_sinks"
 
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
+# The embedded default's teacher, trained by `omniforcing train teacher` and shipped as package
+# data (checksummed; its training record sits beside it in demo-teacher-record/).
+SHIPPED = "shipped"
+SHIPPED_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "demo-teacher"
 
 
 def bundle_uri(ref: str) -> str:
-    """A loadable reference: a bare MLflow run id means that run's exported `bundle` artifact."""
+    """A loadable reference: `shipped` is the packaged demo teacher; a bare MLflow run id means
+    that run's exported `bundle` artifact; anything else is a folder or a models:/ runs:/ URI."""
+    if ref == SHIPPED:
+        return str(SHIPPED_TEACHER)
     return f"runs:/{ref}/bundle" if RUN_ID.fullmatch(ref) and not Path(ref).exists() else ref
 
 

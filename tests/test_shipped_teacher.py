@@ -1,0 +1,58 @@
+"""The demo teacher shipped in the package: it loads by its short name, its checksum guards it,
+its training record matches it, and it behaves like a trained teacher (caption adherence)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from model.bundle import BundleError
+from model.sampling import decode_clip, sample_teacher
+from pipeline.distill import roles
+from pipeline.evaluate import EvalClip, evaluate, world_clips
+
+RECORD = roles.SHIPPED_TEACHER.parent / "demo-teacher-record"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return roles.load_teacher(roles.SHIPPED)
+
+
+def test_shipped_teacher_is_a_bidirectional_demo_teacher_with_fitted_codecs(shipped):
+    cfg = shipped.model.cfg
+    assert cfg.name == "demo" and not cfg.causal
+    assert roles.bundle_uri("shipped") == str(roles.SHIPPED_TEACHER)
+    # Codecs fitted on the world (their statistics), not the identity defaults.
+    assert shipped.video_codec.fitted and shipped.audio_codec.fitted
+    assert not torch.allclose(shipped.video_codec.std, torch.ones_like(shipped.video_codec.std))
+    record = json.loads((RECORD / "training.json").read_text())
+    assert record["steps"] >= 2000 and record["batch_size"] == 16
+    assert (RECORD / f"eval-step{record['steps']}.json").is_file()
+
+
+def test_a_modified_shipped_file_fails_clearly(tmp_path):
+    copy = shutil.copytree(roles.SHIPPED_TEACHER, tmp_path / "teacher")
+    blob = bytearray((copy / "model.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (copy / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(BundleError, match="model.safetensors: checksum"):
+        roles.load_teacher(str(copy))
+
+
+def test_shipped_teacher_follows_its_captions(shipped):
+    """Two one-ball prompts, 2 s, 16 Euler steps: the ball's colour and the tone's pitch follow
+    the caption (100 % since step 1000 of its training; a random network is at chance, 25 %)."""
+    truth = world_clips(2, 2, seed=3, height=64, width=64, max_balls=1)
+    clips = []
+    for i, c in enumerate(truth):
+        g = torch.Generator().manual_seed(i)
+        v, a = sample_teacher(
+            shipped.model, shipped.text_encoder, [c.meta["caption"]], 2, g, steps=16
+        )
+        frames, audio = decode_clip(shipped, v[0], a[0])
+        meta = {"caption": c.meta["caption"], "fps": 24, "sample_rate": 16000}
+        clips.append(EvalClip(f"gen-{i}", frames.numpy(), audio.float().numpy(), meta))
+    report = evaluate(clips)
+    assert report["colour_acc"] == 1.0 and report["pitch_acc"] == 1.0
