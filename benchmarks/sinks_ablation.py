@@ -17,17 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+if not __package__:  # run as a script: import from the repo root, not from this folder
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # (benchmarks/data.py shadows `data`)
 
-from pipeline.config import validate
-from pipeline.stages import WorkerContext
-from pipeline.stages.self_forcing import SelfForcingStage
-from pipeline.trainer import random_rows
+import torch  # noqa: E402
+
+from pipeline.config import validate  # noqa: E402
+from pipeline.stages import WorkerContext  # noqa: E402
+from pipeline.stages.self_forcing import SelfForcingStage  # noqa: E402
+from pipeline.trainer import random_rows  # noqa: E402
 
 
 class LocalEngine:
@@ -105,10 +109,7 @@ def run(args: argparse.Namespace, teacher: str, sinks: int | None) -> dict[str, 
 
 def sync_error(stage: SelfForcingStage, args: argparse.Namespace) -> dict[str, Any] | str:
     """Sync of a few decoded student clips (needs a trained teacher's fitted codecs)."""
-    try:
-        from data.sync import evaluate_clips
-    except ImportError:
-        return "data.sync not available"
+    from data.sync import evaluate_clips
     from model import StreamingGenerator
     from pipeline.distill.roles import student_bundle
 
