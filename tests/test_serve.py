@@ -21,7 +21,9 @@ from tests.fixtures.serve import promote_bundle, running_serve, save_tiny_bundle
 KEY = "test-key-123"
 AUTH = {"X-API-Key": KEY}
 MAX_STREAMS = 8
-MAX_SECONDS = 30
+# Long enough that a tiny-model stream (≈ 25 ms per second of content on a fast box) is still
+# running while a test inspects or drops it; streams that must finish are cancelled or short.
+MAX_SECONDS = 120
 
 
 MODEL = "models:/omniforcing-student@champion"
@@ -118,7 +120,7 @@ BAD = [
     (b'{"prompt": "", "seconds": 1}', 422, "prompt"),
     (json.dumps({"prompt": "x" * 3000, "seconds": 1}).encode(), 422, "prompt"),
     (b'{"prompt": "a", "seconds": 0}', 422, "seconds"),
-    (b'{"prompt": "a", "seconds": 31}', 422, "seconds"),
+    (json.dumps({"prompt": "a", "seconds": MAX_SECONDS + 1}).encode(), 422, "seconds"),
     (b'{"prompt": "a", "seconds": "one"}', 422, "seconds"),
     (b'{"prompt": ["a"], "seconds": 1}', 422, "prompt"),
     (b'{"prompt": "a", "seconds": 1, "seed": 1.5}', 422, "seed"),
