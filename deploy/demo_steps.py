@@ -9,19 +9,12 @@ the steps call `data`, `pipeline` and `deploy` (the CLI's composition root).
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 console = Console()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def step(title: str) -> None:
@@ -110,6 +103,7 @@ def distill(cfg: Any, teacher_ref: str, ode_steps: int, sf_steps: int) -> dict[s
 
 def serve_and_stream(uri: str, prompt: str, seconds: int, seed: int, clip: Path) -> dict:
     """Serve `uri` on a free local port and stream one clip to `clip`; the stream's stats."""
+    from data.local_s3 import free_port
     from deploy.cli import start_serve
     from deploy.client import save_stream, stream_http
 

@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("pipeline/assets/demo-teacher-record"))
     args = ap.parse_args()
 
-    from benchmarks.report import machine_cpu
+    from benchmarks.report import machine_cpu, write_atomic
     from pipeline.plots import loss_curve
 
     metrics = histories(args.tracking_uri, args.run, KEYS + RELIANCE, args.step)
@@ -68,9 +68,7 @@ def main() -> None:
         "metrics": metrics,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / ".training.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, args.out / "training.json")
+    write_atomic(args.out / "training.json", json.dumps(record, indent=1))
     loss_curve({k: metrics[k] for k in ("loss/video", "loss/audio")}, args.out / "loss.png")
     loss_curve(
         {k: metrics[k] for k in RELIANCE},

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from model.bundle import BundleError
-from model.sampling import decode_clip, sample_teacher
 from pipeline.distill import roles
-from pipeline.evaluate import EvalClip, evaluate, world_clips
+from pipeline.evaluate import evaluate, generate, world_clips
 
 RECORD = roles.SHIPPED_TEACHER.parent / "demo-teacher-record"
 
@@ -44,15 +43,7 @@ def test_a_modified_shipped_file_fails_clearly(tmp_path):
 def test_shipped_teacher_follows_its_captions(shipped):
     """Two one-ball prompts, 2 s, 16 Euler steps: the ball's colour and the tone's pitch follow
     the caption (100 % since step 1000 of its training; a random network is at chance, 25 %)."""
-    truth = world_clips(2, 2, seed=3, height=64, width=64, max_balls=1)
-    clips = []
-    for i, c in enumerate(truth):
-        g = torch.Generator().manual_seed(i)
-        v, a = sample_teacher(
-            shipped.model, shipped.text_encoder, [c.meta["caption"]], 2, g, steps=16
-        )
-        frames, audio = decode_clip(shipped, v[0], a[0])
-        meta = {"caption": c.meta["caption"], "fps": 24, "sample_rate": 16000}
-        clips.append(EvalClip(f"gen-{i}", frames.numpy(), audio.float().numpy(), meta))
+    prompts = [c.meta["caption"] for c in world_clips(2, 2, seed=3, height=64, width=64)]
+    clips = generate(shipped, prompts, 2, seed=0, teacher_steps=16)
     report = evaluate(clips)
     assert report["colour_acc"] == 1.0 and report["pitch_acc"] == 1.0
