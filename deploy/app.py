@@ -22,7 +22,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from starlette.websockets import WebSocketDisconnect
 
-from deploy.engine import Engine, Overloaded, load_model
+from deploy.engine import Engine, Overloaded
+from deploy.models import load_model
 from deploy.protocol import MAX_BODY_BYTES, MEDIA_TYPE, RequestError, encode_part, parse_request
 
 log = logging.getLogger("omniforcing.serve")

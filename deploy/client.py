@@ -161,7 +161,7 @@ def generate_local(
     model: str, prompt: str, seconds: int, seed: int = 0, device: str | None = None
 ) -> Iterator[Part]:
     """The same parts as the server sends, generated in this process (no server, no Ray)."""
-    from deploy.engine import load_model
+    from deploy.models import load_model
     from deploy.protocol import encode_chunk
 
     loaded, t0 = load_model(model, device), time.perf_counter()

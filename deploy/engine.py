@@ -1,161 +1,28 @@
-"""The serving engine: loads a model, admits streams, runs generation in threads, frees caches.
+"""The serving engine: admits streams, runs generation in threads, frees caches.
 
 One `Engine` lives in each Serve replica. Each stream gets its own `StreamingGenerator` (so its KV
 cache belongs to that stream alone) driven in a worker thread off the event loop; parts are handed
 to the event loop through an asyncio queue. Cancelling (client disconnect, WebSocket cancel)
 stops the thread at the next block boundary and closes the generator, which drops its cache.
-
-A `synthetic:` model URI gives a torch-free stand-in backend (moving square + sine tone) so the
-protocol, page and client can be exercised without weights. This file knows nothing of HTTP.
+Loading a model URI lives in deploy/models.py. This file knows nothing of HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import math
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
-import numpy as np
-
+from deploy.models import LoadedModel
 from deploy.protocol import GenerateRequest, encode_chunk, encode_part
 
-
-@dataclass(frozen=True)
-class ModelInfo:
-    uri: str
-    name: str
-    version: str
-    alias: str | None
-    preset: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class SyntheticChunk:
-    """Same fields as `model.Chunk`: frames uint8 [F,H,W,3], audio float32 [1,S]."""
-
-    index: int
-    frames: np.ndarray
-    audio: np.ndarray
-    t_start: float
-    t_end: float
-    latency_s: float
-    sample_rate: int = 16000
-    fps: float = 24.0
-
-
-class SyntheticGenerator:
-    """Stand-in for `StreamingGenerator`: a seeded coloured square and a tone, `delay` s/block."""
-
-    def __init__(self, size: int = 64, delay: float = 0.02) -> None:
-        self.size, self.delay = size, delay
-
-    def stream(self, prompt: str, seconds: int, seed: int) -> Iterator[SyntheticChunk]:
-        rng = np.random.default_rng(seed)
-        colour = rng.integers(80, 256, size=3).astype(np.uint8)
-        pitch = 220.0 + 20.0 * (len(prompt) % 20)
-        bounds = [(0, 1)] + [(1 + 24 * (k - 1), 1 + 24 * k) for k in range(1, seconds + 1)]
-        for index, (f0, f1) in enumerate(bounds):
-            t0 = time.perf_counter()
-            time.sleep(self.delay)
-            frames = np.zeros((f1 - f0, self.size, self.size, 3), np.uint8)  # [F, H, W, 3]
-            for i, f in enumerate(range(f0, f1)):
-                x = int((f * 2) % (self.size - 16))
-                frames[i, 24:40, x : x + 16] = colour
-            s0, s1 = (0, 640) if index == 0 else (640 + 16000 * (index - 1), 640 + 16000 * index)
-            t = np.arange(s0, s1, dtype=np.float64) / 16000
-            audio = (0.2 * np.sin(2 * math.pi * pitch * t)).astype(np.float32)[None]  # [1, S]
-            t_start = 0.0 if index == 0 else f0 / 24
-            yield SyntheticChunk(index, frames, audio, t_start, f1 / 24, time.perf_counter() - t0)
-
-
-@dataclass
-class LoadedModel:
-    info: ModelInfo
-    new_generator: Callable[[], Any]  # -> object with .stream(prompt, seconds, seed)
-
-
-def load_model(uri: str, device: str | None = None) -> LoadedModel:
-    """Load `models:/name@alias`, a local bundle dir or `synthetic:` into a generator factory."""
-    if uri.startswith("synthetic:"):
-        delay = float(uri.split(":", 1)[1] or 0.02)
-        info = ModelInfo(uri, "synthetic", "0", None, "synthetic")
-        return LoadedModel(info, lambda: SyntheticGenerator(delay=delay))
-    bundle, info = _load_bundle(uri)
-    StreamingGenerator = _model_api()
-    # Place the weights once here (a GPU when the replica has one), not once per stream.
-    bundle.to(_pick_device(device))
-    return LoadedModel(info, lambda: StreamingGenerator(bundle))
-
-
-def _pick_device(device: str | None) -> str:
-    if device:
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _model_api() -> Any:
-    """StreamingGenerator, imported late: torch is needed only for a real model."""
-    try:
-        from model import StreamingGenerator
-    except ImportError:  # model/__init__ not exporting it yet: use the defining module
-        from model.streaming import StreamingGenerator
-    return StreamingGenerator
-
-
-def _load_bundle(uri: str) -> tuple[Any, ModelInfo]:
-    """Bundle + what it is. An alias is resolved to a version first and that version is loaded,
-    so the reported version is the one served even if the alias moves meanwhile."""
-    from pipeline.registry import load_bundle
-
-    if uri.startswith("models:/"):
-        name, _, alias = uri[len("models:/") :].partition("@")
-        name, _, version = name.partition("/")
-        if not name or not (alias or version):
-            raise ValueError(f"--model {uri!r}: expected models:/<name>@<alias> or /<version>")
-        if alias:
-            version = _registry_version(name, alias)
-        bundle = load_bundle(f"models:/{name}/{version}")
-        return bundle, ModelInfo(uri, name, version, alias or None, _preset(bundle))
-    if "://" in uri or ":/" in uri:  # runs:/…, s3://… : whatever the registry loader takes
-        bundle = load_bundle(uri)
-        return bundle, ModelInfo(uri, uri, "unversioned", None, _preset(bundle))
-    path = Path(uri)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--model {uri!r}: not a bundle directory or a models:/ URI")
-    bundle = load_bundle(str(path))
-    return bundle, ModelInfo(uri, path.name, _dir_version(path), None, _preset(bundle))
-
-
-def _dir_version(path: Path) -> str:
-    # A local bundle has no registry version: use a content hash of its small files.
-    digest = hashlib.sha256()
-    for f in sorted(path.rglob("*.json")):
-        digest.update(f.read_bytes())
-    return "sha256:" + digest.hexdigest()[:12]
-
-
-def _registry_version(name: str, alias: str) -> str:
-    from mlflow import MlflowClient
-
-    return str(MlflowClient().get_model_version_by_alias(name, alias).version)
-
-
-def _preset(bundle: Any) -> str | None:
-    return getattr(getattr(bundle, "config", None), "name", None)  # ModelConfig.name: the preset
+__all__ = ["Engine", "Overloaded"]
 
 
 class Overloaded(RuntimeError):

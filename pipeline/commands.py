@@ -117,7 +117,7 @@ def _run_or_skip(client: Any, exp: str, cfg: JobConfig, stage: str, parent: str)
     """Run one pipeline stage: skip it if a finished run with this fingerprint exists, resume
     an unfinished one that has a checkpoint, else start it. Returns the stage's run id."""
     from pipeline import tracking
-    from pipeline.config import fingerprint
+    from pipeline.fingerprint import fingerprint
     from pipeline.trainer import run_stage
 
     filt = f"tags.`{tracking.STAGE_TAG}` = '{stage}' AND tags.`{tracking.FINGERPRINT_TAG}` = '{fingerprint(cfg)}'"

@@ -28,10 +28,12 @@ ROWS = (
     ("p90_offset_ms", "sync error p90 (ms)", "{:.1f}"),
     ("contact_recall", "contacts with onset <= 40 ms", "{:.1%}"),
     ("chance_recall", "  shuffled-pair chance", "{:.1%}"),
+    ("reversal_recall", "  every reversal (open space too)", "{:.1%}"),
     ("onset_precision", "onsets near a contact", "{:.1%}"),
+    ("contacts_per_clip", "visible contacts per clip", "{:.1f}"),
     ("reversals_per_clip", "reversals per clip", "{:.1f}"),
     ("speed_px_s", "ball speed (px/s)", "{:.1f}"),
-    ("wall_frac", "reversals near a wall", "{:.1%}"),
+    ("wall_frac", "reversals at a wall", "{:.1%}"),
     ("colour_acc", "caption colour", "{:.1%}"),
     ("pitch_acc", "caption pitch", "{:.1%}"),
     ("direction_acc", "caption direction", "{:.1%}"),
@@ -67,7 +69,7 @@ def write_json(obj: Any, path: Path) -> Path:
 
 def plot_clips(sets: dict[str, list[ev.EvalClip]], reports: dict[str, dict], path: Path) -> Path:
     """Per set, its first clip: 8 frames in a strip over the waveform; contacts (blue) and
-    onsets (red dashed) marked on the waveform's time axis. Written atomically."""
+    onsets (red dashed) marked on the waveform's time axis, open-space reversals dotted. Written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,10 +92,15 @@ def plot_clips(sets: dict[str, list[ev.EvalClip]], reports: dict[str, dict], pat
         ax.plot(np.arange(len(wave)) / sr, wave, color="0.3", linewidth=0.5)
         for t in row["contacts"]:
             ax.axvline(t, color="tab:blue", linewidth=1.0)
+        for t in set(row.get("reversals", [])) - set(row["contacts"]):
+            ax.axvline(t, color="tab:blue", linewidth=0.8, linestyle=":")
         for t in row["onsets"]:
             ax.axvline(t, color="tab:red", linewidth=1.0, linestyle="--")
         ax.set_xlim(0, len(wave) / sr)
-        ax.set_xlabel("s (blue: visible contacts, red dashed: audio onsets)", fontsize=8)
+        ax.set_xlabel(
+            "s (blue: visible contacts, blue dotted: open-space reversals, red dashed: onsets)",
+            fontsize=8,
+        )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")

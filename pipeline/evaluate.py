@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.sync import analyse_motion, detect_onsets, evaluate_clips
+from data.sync import analyse_motion, detect_onsets, evaluate_clips, wall_contacts
 from data.world import parse_caption, render_clip
 
 TOL_S = 0.040  # a contact is "in sync" when an onset lies within 40 ms
@@ -217,7 +217,8 @@ def heading_matches(measured: str, wanted: str) -> bool:
 
 
 def clip_detail(clip: EvalClip, tol: float = TOL_S) -> dict[str, Any]:
-    """Per-clip detections: contacts (s), onsets (s), headings, direction adherence."""
+    """Per-clip detections: visible contacts and all reversals (s), onsets (s), headings,
+    direction adherence."""
     fps = float(clip.meta.get("fps", 24))
     sr = int(clip.meta.get("sample_rate", 16000))
     motion = analyse_motion(clip.frames, fps)
@@ -226,7 +227,8 @@ def clip_detail(clip: EvalClip, tol: float = TOL_S) -> dict[str, Any]:
     heads = [heading(t, w, h) for t in motion["tracks"]]
     row: dict[str, Any] = {
         "key": clip.key,
-        "contacts": motion["contacts"],
+        "contacts": wall_contacts(motion, clip.frames),
+        "reversals": motion["contacts"],
         "onsets": onsets,
         "headings": heads,
         "speed_px_s": motion["speed_px_s"],
@@ -240,7 +242,7 @@ def clip_detail(clip: EvalClip, tol: float = TOL_S) -> dict[str, Any]:
         row["direction_ok"] = bool(wanted) and all(
             any(heading_matches(h, d) for d in wanted) for h in heads
         )
-    c, o = np.asarray(motion["contacts"]), np.asarray(onsets)
+    c, o = np.asarray(row["contacts"]), np.asarray(onsets)
     row["within_tol"] = int(sum(np.any(np.abs(o - t) <= tol) for t in c)) if len(o) else 0
     return row
 

@@ -19,7 +19,8 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import JobConfig, flatten
+from pipeline.config import JobConfig
+from pipeline.fingerprint import flatten
 
 STAGE_TAG = "omniforcing.stage"
 RAY_NAME_TAG = "omniforcing.ray_run_name"
@@ -60,7 +61,7 @@ def start_stage_run(
     client: MlflowClient, cfg: JobConfig, stage: str, ray_name: str, parent: str | None = None
 ) -> str:
     """Create the stage's run, log the flattened resolved config as params and as JSON."""
-    from pipeline.config import fingerprint
+    from pipeline.fingerprint import fingerprint
 
     tags = {
         STAGE_TAG: stage,

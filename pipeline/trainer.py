@@ -21,7 +21,8 @@ import torch
 
 from pipeline import checkpoint as ck
 from pipeline import tracking
-from pipeline.config import JobConfig, resume_diff
+from pipeline.config import JobConfig
+from pipeline.fingerprint import resume_diff
 from pipeline.stages import get_stage
 from pipeline.worker_loop import cpu_threads, train_loop
 

@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from pipeline import checkpoint as ck
 from pipeline import tracking
-from pipeline.config import JobConfig, fingerprint, resume_diff, validate
+from pipeline.config import JobConfig, validate
+from pipeline.fingerprint import fingerprint, resume_diff
 from pipeline.parallelize import load_engine, save_engine, use_bf16
 from pipeline.stages import Batch, WorkerContext, get_stage
 

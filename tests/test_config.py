@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.config import ConfigError, fingerprint, load_config, resume_diff
+from pipeline.config import ConfigError, load_config
+from pipeline.fingerprint import fingerprint, resume_diff
 from pipeline.parallelize import ds_config, lr_multiplier
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

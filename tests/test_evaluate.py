@@ -12,6 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 from data.mp4 import encode_mp4
+from data.sync import track_blobs
 from data.world import render_clip
 from pipeline import evaluate as ev
 from pipeline.eval_commands import register
@@ -179,3 +180,35 @@ def test_ceiling_keeps_codec_geometry(bundles, world) -> None:
     assert rec[0].frames.shape == world[0].frames.shape  # 73 = 1 + 8 * 9 frames
     assert rec[0].audio.shape[1] >= world[0].audio.shape[1] - 640
     assert rec[0].meta["caption"] == world[0].meta["caption"]
+
+
+def _open_space_turn(seed: int) -> tuple[ev.EvalClip, float]:
+    """A world clip whose video turns back in open space (played backwards from frame k, far from
+    every wall) with silence from k on: one reversal that is no contact and has no onset."""
+    c = render_clip(seed, seconds=3.04, height=64, width=64, n_balls=1)
+    pos = track_blobs(c.frames, 1)[0]  # [F, 2] centre (x, y)
+    last = [round(e["time"] * 24) for e in c.meta["events"]]
+    for k in range(30, len(pos) - 12):
+        far = min(pos[k].min(), 64 - pos[k].max()) > 20
+        if far and all(not 0 <= k - f < 12 for f in last):
+            break
+    else:
+        raise AssertionError(f"seed {seed}: no open-space frame to turn at")
+    frames = np.concatenate([c.frames[: k + 1], c.frames[k - 1 : k - 11 : -1]])
+    audio = np.zeros((1, round((len(frames) - 1) / 24 * SR + 0.04 * SR)), np.float32)
+    keep = round(k / 24 * SR)
+    audio[:, :keep] = c.audio[:, :keep]
+    return ev.EvalClip(f"turn{seed}", frames, audio, dict(c.meta)), k / 24
+
+
+def test_open_space_reversals_are_not_contacts() -> None:
+    clip, t_turn = _open_space_turn(5)
+    report = ev.evaluate([clip, _open_space_turn(6)[0]])
+    row = report["clips"][0]
+    assert any(abs(t - t_turn) < 0.1 for t in row["reversals"])  # the turn is seen ...
+    assert all(abs(t - t_turn) > 0.1 for t in row["contacts"])  # ... but is no visible contact
+    assert report["wall_frac"] < 1.0 and report["contacts_per_clip"] < report["reversals_per_clip"]
+    # Every wall contact keeps its onset; the silent open-space turns count only in the
+    # every-reversal share, which is reported beside the contact share.
+    assert report["contact_recall"] >= 0.9
+    assert report["reversal_recall"] < report["contact_recall"]

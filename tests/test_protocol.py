@@ -11,7 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deploy.engine import Engine, Overloaded, SyntheticChunk, load_model
+from deploy.engine import Engine, Overloaded
+from deploy.models import load_model
 from deploy.mp4writer import Mp4Writer, probe
 from deploy.protocol import (
     GenerateRequest,
@@ -22,6 +23,7 @@ from deploy.protocol import (
     encode_part,
     parse_request,
 )
+from deploy.synthetic import SyntheticChunk
 
 
 def _chunk(index: int = 1, frames: int = 24, torch_tensors: bool = False) -> SyntheticChunk:
@@ -221,7 +223,8 @@ def test_generate_command_prints_figures_and_writes_mp4(tiny_bundle_dir, tmp_pat
 
 
 def test_slow_client_bounds_chunks_generated_ahead() -> None:
-    from deploy.engine import LoadedModel, ModelInfo, SyntheticGenerator
+    from deploy.models import LoadedModel, ModelInfo
+    from deploy.synthetic import SyntheticGenerator
 
     produced: list[int] = []
 
@@ -249,7 +252,8 @@ def test_slow_client_bounds_chunks_generated_ahead() -> None:
 
 
 def test_model_swap_keeps_running_stream_on_the_old_model() -> None:
-    from deploy.engine import LoadedModel, ModelInfo, SyntheticGenerator
+    from deploy.models import LoadedModel, ModelInfo
+    from deploy.synthetic import SyntheticGenerator
 
     def loaded(version: str) -> LoadedModel:
         info = ModelInfo("t", "t", version, None, None)

@@ -128,7 +128,8 @@ def test_worker_without_the_pool_names_the_key(tiny_teacher_dir: Path) -> None:
 
 
 def test_real_score_key_is_checked_and_resume_free(tiny_teacher_dir: Path) -> None:
-    from pipeline.config import ConfigError, fingerprint
+    from pipeline.config import ConfigError
+    from pipeline.fingerprint import fingerprint
 
     with pytest.raises(ConfigError, match=r"distill\.real_score: .*'remote'"):
         distill_config(tiny_teacher_dir, distill={"real_score": "remote"})
@@ -162,7 +163,8 @@ def test_worker_extra_from_loop_cfg_reaches_the_context(
 
 
 def test_actor_gpus_key_is_checked_and_resume_free(tiny_teacher_dir: Path) -> None:
-    from pipeline.config import ConfigError, fingerprint, load_config, resume_diff
+    from pipeline.config import ConfigError, load_config
+    from pipeline.fingerprint import fingerprint, resume_diff
 
     with pytest.raises(ConfigError, match=r"distill\.actor_gpus: .*-1"):
         distill_config(tiny_teacher_dir, distill={"actor_gpus": -1})

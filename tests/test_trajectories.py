@@ -13,6 +13,7 @@ import torch
 
 from pipeline.distill import roles
 from pipeline.distill import trajectories as tr
+from pipeline.distill import trajectory_shards as shards
 from tests.fixtures.distill import distill_config, make_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,20 +83,20 @@ def _rows(n: int = 3) -> list[dict]:
 
 
 def test_shards_round_trip_keyed_and_atomic(tmp_path: Path, tiny_teacher_dir: Path) -> None:
-    fp = tr.teacher_fingerprint(tiny_teacher_dir)
+    fp = shards.teacher_fingerprint(tiny_teacher_dir)
     assert len(fp) == 64
-    assert tr.teacher_fingerprint(tiny_teacher_dir.parent) == fp  # found inside a folder too
-    out = tr.trajectory_dir(tmp_path, fp, STUDENT)
+    assert shards.teacher_fingerprint(tiny_teacher_dir.parent) == fp  # found inside a folder too
+    out = shards.trajectory_dir(tmp_path, fp, STUDENT)
     assert out.parent.name == f"teacher-{fp[:16]}" and "0.7507" in out.name
     rows = _rows()
-    tr.write_trajectory_shards(rows, out, per_shard=2)
+    shards.write_trajectory_shards(rows, out, per_shard=2)
     assert sorted(p.name for p in out.iterdir()) == [
         "index.json",
         "shard-000000.tar",
         "shard-000001.tar",
     ]
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp folder left behind
-    back = list(tr.read_trajectory_shards(out))
+    back = list(shards.read_trajectory_shards(out))
     assert [r["key"] for r in back] == [r["key"] for r in rows]
     for a, b in zip(back, rows, strict=True):
         assert a["caption"] == b["caption"]
@@ -109,14 +110,14 @@ def test_shard_errors_name_the_problem(tmp_path: Path) -> None:
     bad = _rows(1)
     bad[0]["key"] = "clip.0"
     with pytest.raises(ValueError, match="clip.0"):
-        tr.write_trajectory_shards(bad, tmp_path / "x")
+        shards.write_trajectory_shards(bad, tmp_path / "x")
     assert not (tmp_path / "x").exists()
-    out = tr.write_trajectory_shards(_rows(1), tmp_path / "y")
+    out = shards.write_trajectory_shards(_rows(1), tmp_path / "y")
     with tarfile.open(out / "shard-000000.tar", "w") as t:  # a corrupt safetensors member
         tr._member(t, "clip000.safetensors", b"not safetensors")
         tr._member(t, "clip000.json", b'{"caption": "x"}')
     with pytest.raises(ValueError, match=r"shard-000000.tar: sample 'clip000'"):
-        list(tr.read_trajectory_shards(out))
+        list(shards.read_trajectory_shards(out))
 
 
 @pytest.mark.slow
@@ -142,10 +143,10 @@ def test_actor_pool_streams_and_caches(
     np.testing.assert_allclose(np.stack([r["traj_video"] for r in scored]), tv.numpy(), atol=1e-5)
     np.testing.assert_allclose(np.stack([r["traj_audio"] for r in scored]), ta.numpy(), atol=1e-5)
     # Cached: the first call writes shards under the teacher's fingerprint, the second reuses them.
-    first = tr.cached_trajectories(ds, cfg).take_all()
-    out = tr.trajectory_dir(tmp_path, tr.teacher_fingerprint(tiny_teacher_dir), STUDENT)
+    first = shards.cached_trajectories(ds, cfg).take_all()
+    out = shards.trajectory_dir(tmp_path, shards.teacher_fingerprint(tiny_teacher_dir), STUDENT)
     stamp = (out / "index.json").stat().st_mtime_ns
-    second = tr.cached_trajectories(ds, cfg).take_all()
+    second = shards.cached_trajectories(ds, cfg).take_all()
     assert (out / "index.json").stat().st_mtime_ns == stamp
     assert (
         sorted(r["key"] for r in first)

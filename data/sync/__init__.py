@@ -1,6 +1,6 @@
 """Sync measurement for clips of the synthetic world (rendered, decoded, or generated).
 
-Holds the sync report of contacts against onsets, the shuffled-pair chance level and
+Holds the sync report of visible contacts (direction reversals at a wall) against onsets, the shuffled-pair chance level and
 `evaluate_clips`, the core of `omniforcing eval`, which adds motion statistics and caption
 adherence (dominant colour and pitch). The detectors live beside it and are re-exported here: the
 blob tracker, contact detector, motion statistics and dominant colour in `data.sync.video`, the
@@ -32,11 +32,13 @@ from data.sync.audio import (
 from data.sync.video import (
     COS_POWER,
     TRACK_RADIUS,
+    WALL_PX_AT_64,
     analyse_motion,
     detect_contacts,
     dominant_colour,
     motion_stats,
     track_blobs,
+    wall_px,
 )
 from data.world import parse_caption
 
@@ -48,6 +50,7 @@ __all__ = [
     "ONSET_MIN_GAP_S",
     "ONSET_WINDOW_S",
     "TRACK_RADIUS",
+    "WALL_PX_AT_64",
     "analyse_motion",
     "detect_contacts",
     "detect_onsets",
@@ -58,6 +61,8 @@ __all__ = [
     "shuffled_chance",
     "sync_report",
     "track_blobs",
+    "wall_contacts",
+    "wall_px",
 ]
 
 
@@ -120,15 +125,20 @@ def _unpack(item: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     return np.asarray(frames), np.asarray(audio), dict(rest[0] if rest else {})
 
 
+def wall_contacts(motion: dict[str, Any], frames: np.ndarray) -> list[float]:
+    """The visible contacts of `analyse_motion(frames)`: its reversals within `wall_px` of a wall."""
+    near = wall_px(frames)
+    return [t for t, d in zip(motion["contacts"], motion["wall_dist"], strict=True) if d <= near]
+
+
 def _clip_row(frames: np.ndarray, audio: np.ndarray, meta: dict, tol: float) -> dict[str, Any]:
     fps, sr = float(meta.get("fps", 24)), int(meta.get("sample_rate", 16000))
     m = analyse_motion(frames, fps)
     onsets = detect_onsets(audio, sr)
-    near = 12.0 * min(frames.shape[1:3]) / 64.0
     row: dict[str, Any] = {
-        "contacts": m["contacts"],
+        "contacts": wall_contacts(m, frames),  # visible contacts: the sync metrics count these
+        "reversals": m["contacts"],  # every reversal, open-space ones of a generated clip too
         "onsets": onsets,
-        "near_wall": int(np.sum(np.asarray(m["wall_dist"]) <= near)),
         "speed_px_s": m["speed_px_s"],
         "colour": dominant_colour(frames),
         "pitch": dominant_pitch(audio, sr),
@@ -159,6 +169,7 @@ def evaluate_clips(clips: Iterable[Any], tol: float = 0.040) -> dict[str, Any]:
         raise ValueError("evaluate_clips got no clips")
     pairs = [(r["contacts"], r["onsets"]) for r in rows]
     contacts = [t for r in rows for t in r["contacts"]]
+    n_rev = sum(len(r["reversals"]) for r in rows)
     n_on = sum(len(r["onsets"]) for r in rows)
     offs = np.concatenate([_nearest(np.asarray(c, float), np.asarray(o, float)) for c, o in pairs])
     finite = np.abs(offs[np.isfinite(offs)])
@@ -169,13 +180,15 @@ def evaluate_clips(clips: Iterable[Any], tol: float = 0.040) -> dict[str, Any]:
     out: dict[str, Any] = {
         "n_clips": len(rows),
         "tol_ms": tol * 1e3,
-        "reversals_per_clip": len(contacts) / len(rows),
+        "reversals_per_clip": n_rev / len(rows),
+        "contacts_per_clip": len(contacts) / len(rows),
         "onsets_per_clip": n_on / len(rows),
         "speed_px_s": float(np.mean([r["speed_px_s"] for r in rows])),
-        "wall_frac": sum(r["near_wall"] for r in rows) / len(contacts)
-        if contacts
-        else float("nan"),
+        "wall_frac": len(contacts) / n_rev if n_rev else float("nan"),
         "contact_recall": _pooled_recall(pairs, tol),
+        # The same share over every reversal (open-space ones too): how it was counted before
+        # visible contacts were told apart; reported beside it, never instead.
+        "reversal_recall": _pooled_recall([(r["reversals"], r["onsets"]) for r in rows], tol),
         "onset_precision": near / n_on if n_on else float("nan"),
         "chance_recall": shuffled_chance(pairs, tol),
         "median_offset_ms": float(np.median(finite) * 1e3) if len(finite) else float("nan"),

@@ -1,7 +1,8 @@
 """Video side of the sync measurement (re-exported by `data.sync`): pixels only, pure numpy.
 
-Blob tracking with colour-separated tracks, wall contacts as direction reversals refined to
-sub-frame times, motion statistics and the dominant palette colour of a clip of the world.
+Blob tracking with colour-separated tracks, direction reversals refined to sub-frame times (a
+reversal at a wall is a visible contact; one in open space is a motion error of a generated clip),
+motion statistics and the dominant palette colour of a clip of the world.
 Frame f is at time f / fps (data.world's convention).
 """
 
@@ -15,6 +16,9 @@ from data.world import COLOURS
 
 COS_POWER = 8
 TRACK_RADIUS = 1.0
+# A ball (radius 4 or 6 px at 64) touches a wall when its centre is one radius from the edge; 12 px
+# (two large radii) leaves room for blur and the sub-frame apex. Real clips reverse only here.
+WALL_PX_AT_64 = 12.0
 
 
 def _foreground(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -168,15 +172,19 @@ def detect_contacts(frames: np.ndarray, fps: float, max_balls: int = 2) -> list[
     return analyse_motion(frames, fps, max_balls)["contacts"]
 
 
+def wall_px(frames: np.ndarray) -> float:
+    """How near a wall (px, track centre to frame edge) a reversal must be to be a wall contact."""
+    return WALL_PX_AT_64 * min(np.asarray(frames).shape[1:3]) / 64.0
+
+
 def motion_stats(frames: np.ndarray, fps: float, max_balls: int = 2) -> dict[str, float]:
-    """Reversals per clip, mean blob speed (px/s), share of reversals within 12 px@64 of a wall."""
+    """Reversals per clip, mean blob speed (px/s), share of reversals at a wall (`wall_px`)."""
     m = analyse_motion(frames, fps, max_balls)
-    near = 12.0 * min(np.asarray(frames).shape[1:3]) / 64.0
     wd = np.asarray(m["wall_dist"])
     return {
         "reversals": float(len(m["contacts"])),
         "speed_px_s": m["speed_px_s"],
-        "wall_frac": float(np.mean(wd <= near)) if len(wd) else float("nan"),
+        "wall_frac": float(np.mean(wd <= wall_px(frames))) if len(wd) else float("nan"),
         "n_tracks": float(m["tracks"].shape[0]),
     }
 

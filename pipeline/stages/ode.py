@@ -56,7 +56,7 @@ class OdeStage:
         pool (streamed, or via cached trajectory shards when `distill.trajectory_cache`)."""
         if cfg.distill.teacher_mode != "actors":
             return ds
-        from pipeline.distill.trajectories import cached_trajectories
+        from pipeline.distill.trajectory_shards import cached_trajectories
 
         return cached_trajectories(ds, cfg)
 
