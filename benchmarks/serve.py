@@ -33,7 +33,7 @@ def _best(runs: list[list[float]]) -> dict[str, float]:
 def _in_process(model: str, seconds: int, seed: int, repeats: int) -> dict[str, float]:
     import torch
 
-    from deploy.engine import load_model
+    from deploy.models import load_model
 
     # A Serve replica with <= 1 CPU runs with OMP_NUM_THREADS=1 (set by Ray): match it.
     torch.set_num_threads(1)
