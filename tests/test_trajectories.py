@@ -114,8 +114,8 @@ def test_shard_errors_name_the_problem(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
     out = shards.write_trajectory_shards(_rows(1), tmp_path / "y")
     with tarfile.open(out / "shard-000000.tar", "w") as t:  # a corrupt safetensors member
-        tr._member(t, "clip000.safetensors", b"not safetensors")
-        tr._member(t, "clip000.json", b'{"caption": "x"}')
+        shards._member(t, "clip000.safetensors", b"not safetensors")
+        shards._member(t, "clip000.json", b'{"caption": "x"}')
     with pytest.raises(ValueError, match=r"shard-000000.tar: sample 'clip000'"):
         list(shards.read_trajectory_shards(out))
 
