@@ -1,12 +1,12 @@
 """Sync measurement for clips of the synthetic world (rendered, decoded, or generated).
 
-Holds the sync report of visible contacts (direction reversals at a wall) against onsets, the shuffled-pair chance level and
-`evaluate_clips`, the core of `omniforcing eval`, which adds motion statistics and caption
-adherence (dominant colour and pitch). The detectors live beside it and are re-exported here: the
-blob tracker, contact detector, motion statistics and dominant colour in `data.sync.video`, the
-onset detector and dominant pitch in `data.sync.audio`. Pure numpy: it reads only pixels and
-samples, never a codec or a model, so it works on any clip of the world, including clips decoded
-from mp4 files it did not make. Deliberately does NOT render (that is `data.world`).
+Holds the sync report of visible contacts (direction reversals at a wall) against onsets, the
+shuffled-pair chance level and `evaluate_clips`, the core of `omniforcing eval`, which adds motion
+statistics and caption adherence (dominant colour and pitch). The detectors live beside it and are
+re-exported here: the blob tracker, reversal detector, motion statistics and dominant colour in
+`data.sync.video`, the onset detector and dominant pitch in `data.sync.audio`. Pure numpy: it reads
+only pixels and samples, never a codec or a model, so it works on any clip of the world, including
+clips decoded from mp4 files it did not make. Deliberately does NOT render (that is `data.world`).
 
 Time conventions match data.world: frame f at f / fps, sample n at n / sample_rate.
 """

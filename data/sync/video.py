@@ -168,7 +168,8 @@ def analyse_motion(frames: np.ndarray, fps: float, max_balls: int = 2) -> dict[s
 
 
 def detect_contacts(frames: np.ndarray, fps: float, max_balls: int = 2) -> list[float]:
-    """Times (s) of ball direction reversals (wall contacts) seen in uint8 frames [F,H,W,3]."""
+    """Times (s) of ball direction reversals seen in uint8 frames [F,H,W,3]; in a real clip
+    each is a wall contact (`data.sync.wall_contacts` keeps those of a generated one)."""
     return analyse_motion(frames, fps, max_balls)["contacts"]
 
 
