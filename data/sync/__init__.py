@@ -126,7 +126,7 @@ def _unpack(item: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
 
 
 def wall_contacts(motion: dict[str, Any], frames: np.ndarray) -> list[float]:
-    """The visible contacts of `analyse_motion(frames)`: its reversals within `wall_px` of a wall."""
+    """Visible contacts of `analyse_motion(frames)`: its reversals within `wall_px` of a wall."""
     near = wall_px(frames)
     return [t for t, d in zip(motion["contacts"], motion["wall_dist"], strict=True) if d <= near]
 
