@@ -68,8 +68,8 @@ def write_json(obj: Any, path: Path) -> Path:
 
 
 def plot_clips(sets: dict[str, list[ev.EvalClip]], reports: dict[str, dict], path: Path) -> Path:
-    """Per set, its first clip: 8 frames in a strip over the waveform; contacts (blue) and
-    onsets (red dashed) marked on the waveform's time axis, open-space reversals dotted. Written atomically."""
+    """Per set, its first clip: 8 frames in a strip over the waveform; contacts (blue), open-space
+    reversals (blue dotted) and onsets (red dashed) marked on its time axis. Written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +92,7 @@ def plot_clips(sets: dict[str, list[ev.EvalClip]], reports: dict[str, dict], pat
         ax.plot(np.arange(len(wave)) / sr, wave, color="0.3", linewidth=0.5)
         for t in row["contacts"]:
             ax.axvline(t, color="tab:blue", linewidth=1.0)
-        for t in set(row.get("reversals", [])) - set(row["contacts"]):
+        for t in set(row["reversals"]) - set(row["contacts"]):
             ax.axvline(t, color="tab:blue", linewidth=0.8, linestyle=":")
         for t in row["onsets"]:
             ax.axvline(t, color="tab:red", linewidth=1.0, linestyle="--")

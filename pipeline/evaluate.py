@@ -4,7 +4,7 @@ Holds the clip sources of `omniforcing eval` (mp4 files with optional sidecar JS
 generation with a bundle: causal student through `StreamingGenerator`, bidirectional teacher
 through `sample_teacher` + `decode_clip`), the codec ceiling (ground truth encoded and decoded
 through a bundle's codecs, no model), caption-direction adherence, and `evaluate`, which adds
-that to `data.sync.evaluate_clips` (sync error, share within tolerance vs shuffled chance,
+that to `data.sync`'s report (sync error, share within tolerance vs shuffled chance,
 motion, colour and pitch adherence). Measurement reads only pixels and samples, so any mp4 of the
 world can be scored. Deliberately NOT here: printing, plots, MLflow logging (pipeline/
 eval_commands.py) and the detectors themselves (data.sync).
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.sync import analyse_motion, detect_onsets, evaluate_clips, wall_contacts
+from data.sync import clip_row, summarise
 from data.world import parse_caption, render_clip
 
 TOL_S = 0.040  # a contact is "in sync" when an onset lies within 40 ms
@@ -216,22 +216,18 @@ def heading_matches(measured: str, wanted: str) -> bool:
     return all(m in ("?", w) for m, w in zip(measured.split("-"), wanted.split("-"), strict=True))
 
 
-def clip_detail(clip: EvalClip, tol: float = TOL_S) -> dict[str, Any]:
-    """Per-clip detections: visible contacts and all reversals (s), onsets (s), headings,
-    direction adherence."""
-    fps = float(clip.meta.get("fps", 24))
-    sr = int(clip.meta.get("sample_rate", 16000))
-    motion = analyse_motion(clip.frames, fps)
-    onsets = detect_onsets(clip.audio, sr)
+def clip_detail(clip: EvalClip, sync: dict[str, Any], tol: float = TOL_S) -> dict[str, Any]:
+    """Per-clip detail from its `data.sync.clip_row`: visible contacts and all reversals (s),
+    onsets (s), headings, direction adherence."""
     h, w = clip.frames.shape[1:3]
-    heads = [heading(t, w, h) for t in motion["tracks"]]
+    heads = [heading(t, w, h) for t in sync["tracks"]]
     row: dict[str, Any] = {
         "key": clip.key,
-        "contacts": wall_contacts(motion, clip.frames),
-        "reversals": motion["contacts"],
-        "onsets": onsets,
+        "contacts": sync["contacts"],
+        "reversals": sync["reversals"],
+        "onsets": sync["onsets"],
         "headings": heads,
-        "speed_px_s": motion["speed_px_s"],
+        "speed_px_s": sync["speed_px_s"],
     }
     caption = clip.meta.get("caption")
     if caption:
@@ -242,7 +238,7 @@ def clip_detail(clip: EvalClip, tol: float = TOL_S) -> dict[str, Any]:
         row["direction_ok"] = bool(wanted) and all(
             any(heading_matches(h, d) for d in wanted) for h in heads
         )
-    c, o = np.asarray(row["contacts"]), np.asarray(onsets)
+    c, o = np.asarray(row["contacts"]), np.asarray(row["onsets"])
     row["within_tol"] = int(sum(np.any(np.abs(o - t) <= tol) for t in c)) if len(o) else 0
     return row
 
@@ -262,8 +258,9 @@ def evaluate(clips: list[EvalClip], tol: float = TOL_S) -> dict[str, Any]:
             raise ValueError(
                 f"clip {c.key}: frames must be uint8 [F,H,W,3], got {f.dtype} {f.shape}"
             )
-    report = evaluate_clips([(c.frames, c.audio, c.meta) for c in clips], tol)
-    rows = [clip_detail(c, tol) for c in clips]
+    sync = [clip_row(c.frames, c.audio, c.meta, tol) for c in clips]
+    report = summarise(sync, tol)
+    rows = [clip_detail(c, r, tol) for c, r in zip(clips, sync, strict=True)]
     dirs = [float(r["direction_ok"]) for r in rows if "direction_ok" in r]
     if dirs:
         report["direction_acc"] = float(np.mean(dirs))

@@ -56,9 +56,11 @@ __all__ = [
     "detect_onsets",
     "dominant_colour",
     "dominant_pitch",
+    "clip_row",
     "evaluate_clips",
     "motion_stats",
     "shuffled_chance",
+    "summarise",
     "sync_report",
     "track_blobs",
     "wall_contacts",
@@ -131,7 +133,12 @@ def wall_contacts(motion: dict[str, Any], frames: np.ndarray) -> list[float]:
     return [t for t, d in zip(motion["contacts"], motion["wall_dist"], strict=True) if d <= near]
 
 
-def _clip_row(frames: np.ndarray, audio: np.ndarray, meta: dict, tol: float) -> dict[str, Any]:
+def clip_row(
+    frames: np.ndarray, audio: np.ndarray, meta: dict, tol: float = 0.040
+) -> dict[str, Any]:
+    """One clip's detections (the single pass `evaluate_clips` and `omniforcing eval` share):
+    visible contacts and every reversal (s), onsets (s), tracks [T,F,2], speed, colour, pitch."""
+    frames, audio = np.asarray(frames), np.asarray(audio)
     fps, sr = float(meta.get("fps", 24)), int(meta.get("sample_rate", 16000))
     m = analyse_motion(frames, fps)
     onsets = detect_onsets(audio, sr)
@@ -139,6 +146,7 @@ def _clip_row(frames: np.ndarray, audio: np.ndarray, meta: dict, tol: float) -> 
         "contacts": wall_contacts(m, frames),  # visible contacts: the sync metrics count these
         "reversals": m["contacts"],  # every reversal, open-space ones of a generated clip too
         "onsets": onsets,
+        "tracks": m["tracks"],
         "speed_px_s": m["speed_px_s"],
         "colour": dominant_colour(frames),
         "pitch": dominant_pitch(audio, sr),
@@ -164,9 +172,14 @@ def evaluate_clips(clips: Iterable[Any], tol: float = 0.040) -> dict[str, Any]:
     fps / sample_rate (default 24 / 16000), caption (-> colour/pitch accuracy) and ground-truth
     events (-> detector recall against the truth). Offsets are pooled over all contacts.
     """
-    rows = [_clip_row(*_unpack(c), tol) for c in clips]
+    rows = [clip_row(*_unpack(c), tol) for c in clips]
     if not rows:
         raise ValueError("evaluate_clips got no clips")
+    return summarise(rows, tol)
+
+
+def summarise(rows: list[dict[str, Any]], tol: float = 0.040) -> dict[str, Any]:
+    """The aggregate report of `clip_row` rows (see `evaluate_clips`)."""
     pairs = [(r["contacts"], r["onsets"]) for r in rows]
     contacts = [t for r in rows for t in r["contacts"]]
     n_rev = sum(len(r["reversals"]) for r in rows)
