@@ -27,6 +27,7 @@ import torch
 
 from benchmarks.flops import K_STEPS, mfu, peak_flops
 from model import AVDiT, BlockLayout, flow, preset
+from model.compiled import compile_layers
 from model.sampling import guided_velocity
 from model.streaming import rollout_blocks
 
@@ -39,7 +40,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _model(name: str, device: torch.device, dtype: torch.dtype, causal: bool = True) -> AVDiT:
+def _model(
+    name: str, device: torch.device, dtype: torch.dtype, causal: bool = True, compile: bool = False
+) -> AVDiT:
     # Built on the target device in the target dtype: an ltx2 model built on the CPU in fp32
     # first would need 75 GB of host memory and minutes of CPU initialisation.
     torch.manual_seed(0)
@@ -50,7 +53,8 @@ def _model(name: str, device: torch.device, dtype: torch.dtype, causal: bool = T
             model = AVDiT(preset(name, causal=causal))
     finally:
         torch.set_default_dtype(default)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    return compile_layers(model) if compile else model
 
 
 def _text(model: AVDiT, device, dtype):
@@ -97,8 +101,9 @@ def recompute_block_time(model, block, device, dtype, repeats=3) -> float:
 
 
 @torch.no_grad()
-def teacher_clip_time(name, seconds, device, dtype, steps=TEACHER_STEPS) -> float:
-    teacher = _model(name, device, dtype, causal=False)
+def teacher_clip_time(name, seconds, device, dtype, steps=TEACHER_STEPS, compile=False) -> float:
+    """Seconds to a finished clip by the bidirectional teacher (one untimed warm-up step first)."""
+    teacher = _model(name, device, dtype, causal=False, compile=compile)
     emb, mask = _text(teacher, device, dtype)
     null = (torch.zeros_like(emb), None)
     vel = guided_velocity(teacher, (emb, mask), null, (3.0, 5.0))
@@ -107,6 +112,7 @@ def teacher_clip_time(name, seconds, device, dtype, steps=TEACHER_STEPS) -> floa
     h, w = cfg.video_latent_hw
     nv = torch.randn(1, lay.num_video, h, w, cfg.video.latent_channels, device=device, dtype=dtype)
     na = torch.randn(1, lay.num_audio, cfg.audio.latent_channels, device=device, dtype=dtype)
+    flow.euler_sample(vel, nv, na, flow.ltx2_sigmas(1))  # warm-up: cuBLAS, compiled kernels
     _sync(device)
     t = time.perf_counter()
     flow.euler_sample(vel, nv, na, flow.ltx2_sigmas(steps))
@@ -158,15 +164,55 @@ def _student_clip(model: AVDiT, device, dtype) -> dict:
     return out
 
 
+@torch.no_grad()
+def profile_block(model: AVDiT, window: int, device, dtype, rows: int = 20) -> str:
+    """Operator table (by self time on the device) of one late block, to see where time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    emb, mask = _text(model, device, dtype)
+    cache = model.new_cache(emb, mask, 12, (window, window))
+    blocks = rollout_blocks(model, cache, 12, flow.DEFAULT_STUDENT_SIGMAS, torch.Generator())
+    for _ in range(window + 3):  # past the prefix, the window full
+        next(blocks)
+    _sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        next(blocks)
+        _sync(device)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def _note(out: dict) -> None:
+    # Figures so far on stderr: a later section that fails (an OOM in the teacher) loses nothing.
+    print(json.dumps({k: v for k, v in out.items() if k != "profile"}), file=sys.stderr, flush=True)
+
+
 def run_preset(
-    name: str, device: torch.device, dtype, long_blocks: int, window: int, cache_block: int = 20
+    name: str,
+    device: torch.device,
+    dtype,
+    long_blocks: int,
+    window: int,
+    cache_block: int = 20,
+    profile: bool = False,
+    compile: bool = False,
 ) -> dict:
-    model = _model(name, device, dtype)
+    model = _model(name, device, dtype, compile=compile)
     cfg = model.cfg
     out: dict = {"preset": name, "device": str(device), "dtype": str(dtype).replace("torch.", "")}
     out["params"] = model.param_counts()["total"]
+    out["compiled"] = compile
+    # Warm-up stream past the window fill: cuBLAS/cuDNN plans, and with --compile every shape
+    # (prefix block, each fill level) compiled before anything is timed.
+    t = time.perf_counter()
+    block_times(model, window + 3, (window, window), device, dtype)
+    out["warmup_s"] = time.perf_counter() - t
     out["block_latency_s"] = flat = _flat_cost(model, long_blocks, window, device, dtype)
+    _note(out)
     out.update(_cache_vs_recompute(model, cache_block, device, dtype))
+    _note(out)
     tokens_per_block = cfg.video_block_latents * cfg.video_tokens_per_frame
     tokens_per_block += cfg.audio_block_latents
     out["tokens_per_s"] = tokens_per_block * (K_STEPS + 1) / flat["late_s"]
@@ -174,10 +220,13 @@ def run_preset(
     if device.type == "cuda":
         out["peak_flops"] = peak_flops(device, dtype)
         out["mfu"] = mfu(model, flat["late_s"], window, out["peak_flops"])
+    if profile:
+        out["profile"] = profile_block(model, window, device, dtype)
+    _note(out)
     del model  # an ltx2 student and teacher do not fit on one GPU together
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    out["teacher_5s_s"] = teacher_clip_time(name, 5, device, dtype)
+    out["teacher_5s_s"] = teacher_clip_time(name, 5, device, dtype, compile=compile)
     out["speedup_teacher_over_student"] = out["teacher_5s_s"] / out["student_5s_s"]
     out["flop_ratio_40P_over_K1"] = TEACHER_STEPS * CFG_PASSES / (K_STEPS + 1)
     out["speedup_share_of_flop_ratio"] = (
@@ -192,11 +241,16 @@ def run(
     blocks: int = 52,
     window: int = 5,
     cache_block: int = 20,
+    profile: bool = False,
+    compile: bool = False,
 ) -> dict:
-    """All figures for each preset, measured in this one process (bf16 on CUDA, else fp32)."""
+    """All figures for each preset, measured in this one process (bf16 on CUDA, else fp32).
+    `compile`: student and teacher layers under `torch.compile` (model/compiled.py)."""
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    runs = [run_preset(name, dev, dtype, blocks, window, cache_block) for name in presets]
+    runs = [
+        run_preset(n, dev, dtype, blocks, window, cache_block, profile, compile) for n in presets
+    ]
     return {"blocks": blocks, "window": window, "runs": runs}
 
 
@@ -209,12 +263,24 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=52, help="clip length for the flat-cost test")
     ap.add_argument("--window", type=int, default=5, help="rolling window (blocks) per modality")
     ap.add_argument("--cache-block", type=int, default=20, help="block for cache vs recompute")
+    ap.add_argument("--profile", action="store_true", help="operator table of one late block")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the layers (GPU)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     results = {"machine": machine()}
-    results.update(run(args.preset, args.device, args.blocks, args.window, args.cache_block))
+    figures = run(
+        args.preset,
+        args.device,
+        args.blocks,
+        args.window,
+        args.cache_block,
+        args.profile,
+        args.compile,
+    )
+    results.update(figures)
     for r in results["runs"]:
-        print(json.dumps(r, indent=2))
+        print(r.get("profile", ""))
+        print(json.dumps({k: v for k, v in r.items() if k != "profile"}, indent=2))
     if args.json:
         write_atomic(Path(args.json), json.dumps(results, indent=2) + "\n")
 

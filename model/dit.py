@@ -149,7 +149,7 @@ class AVDiT(nn.Module):
         fv, fa = video.shape[1], audio.shape[1]
         dev = video.device
         sinks = cfg.sinks
-        rope = RopeTables(cfg, torch.arange(fv), torch.arange(fa), sinks, device=dev)
+        rope = RopeTables(cfg, torch.arange(fv), torch.arange(fa), sinks, dev, video.dtype)
         masks = None
         if cfg.causal:
             layout = BlockLayout.from_counts(
@@ -216,7 +216,7 @@ class AVDiT(nn.Module):
             )
         sinks = cfg.sinks if block == 0 else 0
         rope = RopeTables(
-            cfg, torch.arange(v0, v1), torch.arange(a0, a1), sinks, device=video.device
+            cfg, torch.arange(v0, v1), torch.arange(a0, a1), sinks, video.device, video.dtype
         )
         cache.begin(rope, commit)
         out = self._run(video, audio, sigma_v, sigma_a, sinks > 0, cache)

@@ -88,7 +88,9 @@ class RopeTables:
         audio_frames: torch.Tensor,
         sinks: int,
         device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
+        """`dtype`: the activations' (cast once here, not in every layer's `apply_rope`)."""
         dv = cfg.video.width // cfg.video.heads
         da = cfg.audio.width // cfg.audio.heads
         ms, mp = cfg.rope_max_seconds, cfg.rope_max_pixels
@@ -106,6 +108,7 @@ class RopeTables:
             audio_cross = tuple(torch.cat([i, a]) for i, a in zip(ident, audio_cross, strict=True))
         self.audio_self = audio_self
         self.audio_cross = audio_cross
-        if device is not None:
+        if device is not None or dtype is not None:
             for name in ("video_self", "audio_self", "video_cross", "audio_cross"):
-                setattr(self, name, tuple(t.to(device) for t in getattr(self, name)))
+                tables = getattr(self, name)
+                setattr(self, name, tuple(t.to(device=device, dtype=dtype) for t in tables))
