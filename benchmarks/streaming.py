@@ -27,7 +27,6 @@ import torch
 
 from benchmarks.flops import K_STEPS, mfu, peak_flops
 from model import AVDiT, BlockLayout, flow, preset
-from model.compiled import compile_layers
 from model.sampling import guided_velocity
 from model.streaming import rollout_blocks
 
@@ -40,9 +39,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _model(
-    name: str, device: torch.device, dtype: torch.dtype, causal: bool = True, compile: bool = False
-) -> AVDiT:
+def _model(name: str, device: torch.device, dtype: torch.dtype, causal: bool = True) -> AVDiT:
     # Built on the target device in the target dtype: an ltx2 model built on the CPU in fp32
     # first would need 75 GB of host memory and minutes of CPU initialisation.
     torch.manual_seed(0)
@@ -53,8 +50,7 @@ def _model(
             model = AVDiT(preset(name, causal=causal))
     finally:
         torch.set_default_dtype(default)
-    model = model.to(device=device, dtype=dtype).eval()
-    return compile_layers(model) if compile else model
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def _text(model: AVDiT, device, dtype):
@@ -101,9 +97,9 @@ def recompute_block_time(model, block, device, dtype, repeats=3) -> float:
 
 
 @torch.no_grad()
-def teacher_clip_time(name, seconds, device, dtype, steps=TEACHER_STEPS, compile=False) -> float:
+def teacher_clip_time(name, seconds, device, dtype, steps=TEACHER_STEPS) -> float:
     """Seconds to a finished clip by the bidirectional teacher (one untimed warm-up step first)."""
-    teacher = _model(name, device, dtype, causal=False, compile=compile)
+    teacher = _model(name, device, dtype, causal=False)
     emb, mask = _text(teacher, device, dtype)
     null = (torch.zeros_like(emb), None)
     vel = guided_velocity(teacher, (emb, mask), null, (3.0, 5.0))
@@ -112,7 +108,7 @@ def teacher_clip_time(name, seconds, device, dtype, steps=TEACHER_STEPS, compile
     h, w = cfg.video_latent_hw
     nv = torch.randn(1, lay.num_video, h, w, cfg.video.latent_channels, device=device, dtype=dtype)
     na = torch.randn(1, lay.num_audio, cfg.audio.latent_channels, device=device, dtype=dtype)
-    flow.euler_sample(vel, nv, na, flow.ltx2_sigmas(1))  # warm-up: cuBLAS, compiled kernels
+    flow.euler_sample(vel, nv, na, flow.ltx2_sigmas(1))  # warm-up: cuBLAS/cuDNN plans
     _sync(device)
     t = time.perf_counter()
     flow.euler_sample(vel, nv, na, flow.ltx2_sigmas(steps))
@@ -197,15 +193,12 @@ def run_preset(
     window: int,
     cache_block: int = 20,
     profile: bool = False,
-    compile: bool = False,
 ) -> dict:
-    model = _model(name, device, dtype, compile=compile)
+    model = _model(name, device, dtype)
     cfg = model.cfg
     out: dict = {"preset": name, "device": str(device), "dtype": str(dtype).replace("torch.", "")}
     out["params"] = model.param_counts()["total"]
-    out["compiled"] = compile
-    # Warm-up stream past the window fill: cuBLAS/cuDNN plans, and with --compile every shape
-    # (prefix block, each fill level) compiled before anything is timed.
+    # Warm-up stream past the window fill: cuBLAS/cuDNN plans for every shape before timing.
     t = time.perf_counter()
     block_times(model, window + 3, (window, window), device, dtype)
     out["warmup_s"] = time.perf_counter() - t
@@ -226,7 +219,7 @@ def run_preset(
     del model  # an ltx2 student and teacher do not fit on one GPU together
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    out["teacher_5s_s"] = teacher_clip_time(name, 5, device, dtype, compile=compile)
+    out["teacher_5s_s"] = teacher_clip_time(name, 5, device, dtype)
     out["speedup_teacher_over_student"] = out["teacher_5s_s"] / out["student_5s_s"]
     out["flop_ratio_40P_over_K1"] = TEACHER_STEPS * CFG_PASSES / (K_STEPS + 1)
     out["speedup_share_of_flop_ratio"] = (
@@ -242,15 +235,11 @@ def run(
     window: int = 5,
     cache_block: int = 20,
     profile: bool = False,
-    compile: bool = False,
 ) -> dict:
-    """All figures for each preset, measured in this one process (bf16 on CUDA, else fp32).
-    `compile`: student and teacher layers under `torch.compile` (model/compiled.py)."""
+    """All figures for each preset, measured in this one process (bf16 on CUDA, else fp32)."""
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    runs = [
-        run_preset(n, dev, dtype, blocks, window, cache_block, profile, compile) for n in presets
-    ]
+    runs = [run_preset(n, dev, dtype, blocks, window, cache_block, profile) for n in presets]
     return {"blocks": blocks, "window": window, "runs": runs}
 
 
@@ -264,7 +253,6 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=5, help="rolling window (blocks) per modality")
     ap.add_argument("--cache-block", type=int, default=20, help="block for cache vs recompute")
     ap.add_argument("--profile", action="store_true", help="operator table of one late block")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the layers (GPU)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     results = {"machine": machine()}
@@ -275,7 +263,6 @@ def main() -> None:
         args.window,
         args.cache_block,
         args.profile,
-        args.compile,
     )
     results.update(figures)
     for r in results["runs"]:
