@@ -66,7 +66,9 @@ def serve_cmd(
     replica_gpus: float = typer.Option(0.0, help="GPUs per replica (1 on a GPU cluster)."),
     device: str | None = typer.Option(None, help="torch device (default: cuda if present)."),
     reload: bool = typer.Option(
-        False, help="Redeploy into the running app (re-resolves the alias) and exit."
+        False,
+        help="Redeploy into the running app (re-resolves the alias): a new replica takes new "
+        "streams at once, the old one finishes its running streams; returns once it drained.",
     ),
 ) -> None:
     """Serve the streaming generator over HTTP + WebSocket with a live browser player."""

@@ -77,14 +77,23 @@ def rollout_blocks(
         yield k, x0v, x0a
 
 
+# Rolling window (blocks of one second, per modality) of a served stream: the 5 s the students are
+# distilled on. Memory and cost per second stay flat however long a stream runs; clips of up to
+# 5 s are the same as with no window (the first eviction happens after block 5 is committed).
+DEFAULT_WINDOW_S = 5
+
+
 class StreamingGenerator:
-    """Text → a stream of decoded one-second chunks (frames + PCM) from a causal student bundle."""
+    """Text → a stream of decoded one-second chunks (frames + PCM) from a causal student bundle.
+
+    `window_s`: rolling KV window in seconds, one for both modalities or (video, audio); None
+    keeps every block (memory and per-block cost then grow with the clip)."""
 
     def __init__(
         self,
         bundle,
         sigmas: Sequence[float] | None = None,
-        window_s: tuple[int | None, int | None] | int | None = None,
+        window_s: tuple[int | None, int | None] | int | None = DEFAULT_WINDOW_S,
         device: str | torch.device | None = None,
     ) -> None:
         self.bundle = bundle

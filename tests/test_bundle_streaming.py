@@ -7,7 +7,7 @@ import torch
 
 from model import flow
 from model.bundle import Bundle, BundleError
-from model.streaming import StreamingGenerator, rollout_blocks
+from model.streaming import DEFAULT_WINDOW_S, StreamingGenerator, rollout_blocks
 from model.testing import tiny_bundle
 
 
@@ -76,6 +76,21 @@ def test_stream_shapes_timing_and_determinism():
     assert first[1].t_start == pytest.approx(1 / 24) and first[2].t_end == pytest.approx(2 + 1 / 24)
     assert all(torch.equal(x.frames, y.frames) for x, y in zip(first, again, strict=True))
     assert any(not torch.equal(x.frames, y.frames) for x, y in zip(first, other, strict=True))
+
+
+def test_served_streams_roll_a_window_that_changes_nothing_up_to_its_length():
+    b = tiny_bundle()
+    rolling, unbounded = StreamingGenerator(b), StreamingGenerator(b, window_s=None)
+    # Memory is flat in the requested length (an hour-long request costs what 10 s cost)...
+    assert rolling.new_cache("a", 3600).nbytes() == rolling.new_cache("a", 10).nbytes()
+    assert unbounded.new_cache("a", 60).nbytes() > unbounded.new_cache("a", 10).nbytes()
+    # ...and the prefix and first DEFAULT_WINDOW_S seconds are those of the unbounded cache, after which
+    # the evicted blocks make a difference.
+    n = DEFAULT_WINDOW_S + 2
+    a = list(rolling.stream("a red ball", n, seed=3))
+    c = list(unbounded.stream("a red ball", n, seed=3))
+    same = [torch.equal(x.frames, y.frames) for x, y in zip(a, c, strict=True)]
+    assert same[: DEFAULT_WINDOW_S + 1] == [True] * (DEFAULT_WINDOW_S + 1) and not all(same)
 
 
 def test_rollout_exit_step_keeps_gradient_only_at_the_exit():
