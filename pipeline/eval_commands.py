@@ -27,6 +27,7 @@ ROWS = (
     ("median_offset_ms", "sync error median (ms)", "{:.1f}"),
     ("p90_offset_ms", "sync error p90 (ms)", "{:.1f}"),
     ("contact_recall", "contacts with onset <= 40 ms", "{:.1%}"),
+    ("contact_recall_lo", "  95% interval (clips resampled)", "interval"),
     ("chance_recall", "  shuffled-pair chance", "{:.1%}"),
     ("reversal_recall", "  every reversal (open space too)", "{:.1%}"),
     ("onset_precision", "onsets near a contact", "{:.1%}"),
@@ -41,10 +42,16 @@ ROWS = (
 )
 
 
-def _fmt(value: Any, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return fmt.format(value)
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _cell(report: dict[str, Any], key: str, fmt: str) -> str:
+    if fmt == "interval":  # key is the low end; the high end is its `_hi` sibling
+        lo, hi = report.get(key), report.get(key.removesuffix("_lo") + "_hi")
+        return "-" if _missing(lo) or _missing(hi) else f"{lo:.1%} – {hi:.1%}"
+    value = report.get(key)
+    return "-" if _missing(value) else fmt.format(value)
 
 
 def report_table(reports: dict[str, dict[str, Any]], title: str = "omniforcing eval") -> Table:
@@ -55,7 +62,7 @@ def report_table(reports: dict[str, dict[str, Any]], title: str = "omniforcing e
         table.add_column(name, justify="right")
     for key, label, fmt in ROWS:
         if any(key in r for r in reports.values()):
-            table.add_row(label, *(_fmt(r.get(key), fmt) for r in reports.values()))
+            table.add_row(label, *(_cell(r, key, fmt) for r in reports.values()))
     return table
 
 

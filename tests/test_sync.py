@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from data.sync import (
+    _pooled_recall,
+    clip_bootstrap_interval,
     detect_contacts,
     detect_onsets,
     dominant_colour,
@@ -147,3 +149,29 @@ def test_every_public_name_of_the_submodules_imports_from_data_sync() -> None:
             assert getattr(data.sync, name, None) is getattr(mod, name), name
             assert name in data.sync.__all__, name
     assert data.sync.ONSET_HOP_S == 0.001 and data.sync.TRACK_RADIUS == 1.0
+
+
+def test_clip_bootstrap_interval_brackets_the_recall_and_narrows_with_more_clips() -> None:
+    rng = np.random.default_rng(1)
+
+    def pairs(n: int) -> list[tuple[list[float], list[float]]]:
+        # 8 contacts per clip, each heard 20 ms late with probability 0.75, else 150 ms late.
+        out = []
+        for _ in range(n):
+            c = np.sort(rng.uniform(0, 5, 8))
+            o = c + np.where(rng.random(8) < 0.75, 0.02, 0.15)
+            out.append((c.tolist(), o.tolist()))
+        return out
+
+    few, many = pairs(16), pairs(256)
+    for p in (few, many):
+        recall = _pooled_recall(p, TOL)
+        lo, hi = clip_bootstrap_interval(p, TOL)
+        assert lo <= recall <= hi and 0.5 < lo and hi < 0.95
+        assert clip_bootstrap_interval(p, TOL) == (lo, hi)  # seeded: the same rows, same interval
+    width = [np.subtract(*clip_bootstrap_interval(p, TOL)[::-1]) for p in (few, many)]
+    assert width[1] < width[0] / 2  # 16× the clips: about a quarter of the width
+    lo, hi = clip_bootstrap_interval(many, TOL)
+    assert lo < 0.75 < hi  # covers the true share
+    assert all(np.isnan(clip_bootstrap_interval(few[:1], TOL)))
+    assert all(np.isnan(clip_bootstrap_interval([([], [0.1]), ([], [])], TOL)))

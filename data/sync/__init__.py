@@ -105,6 +105,35 @@ def _pooled_recall(pairs: list[tuple[list[float], list[float]]], tol: float) -> 
     return hits / total if total else float("nan")
 
 
+def clip_bootstrap_interval(
+    pairs: list[tuple[list[float], list[float]]],
+    tol: float = 0.040,
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile interval of the pooled contact recall with clips resampled with replacement.
+
+    Clips are the unit, not contacts: the contacts of one clip share its sampling noise, so a
+    binomial interval over contacts would be too narrow. Fixed seed: the same rows give the same
+    interval. (nan, nan) for fewer than two clips or no contacts."""
+    totals = np.array([len(c) for c, _ in pairs])
+    if len(pairs) < 2 or totals.sum() == 0:
+        return float("nan"), float("nan")
+    hits = np.array(
+        [
+            int(np.sum(np.abs(_nearest(np.asarray(c, float), np.asarray(o, float))) <= tol))
+            for c, o in pairs
+        ]
+    )
+    idx = np.random.default_rng(seed).integers(0, len(pairs), size=(resamples, len(pairs)))
+    h, t = hits[idx].sum(1), totals[idx].sum(1)
+    shares = h[t > 0] / t[t > 0]
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(shares, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
 def shuffled_chance(pairs: list[tuple[list[float], list[float]]], tol: float = 0.040) -> float:
     """Contact recall when clip i's contacts meet clip j != i's onsets (mean of cyclic shifts)."""
     n = len(pairs)
@@ -190,6 +219,7 @@ def summarise(rows: list[dict[str, Any]], tol: float = 0.040) -> dict[str, Any]:
         int(np.sum(np.abs(_nearest(np.asarray(o, float), np.asarray(c, float))) <= tol))
         for c, o in pairs
     )
+    lo, hi = clip_bootstrap_interval(pairs, tol)
     out: dict[str, Any] = {
         "n_clips": len(rows),
         "tol_ms": tol * 1e3,
@@ -199,6 +229,9 @@ def summarise(rows: list[dict[str, Any]], tol: float = 0.040) -> dict[str, Any]:
         "speed_px_s": float(np.mean([r["speed_px_s"] for r in rows])),
         "wall_frac": len(contacts) / n_rev if n_rev else float("nan"),
         "contact_recall": _pooled_recall(pairs, tol),
+        # 95 % interval with clips resampled: two teachers within it are not told apart.
+        "contact_recall_lo": lo,
+        "contact_recall_hi": hi,
         # The same share over every reversal (open-space ones too): how it was counted before
         # visible contacts were told apart; reported beside it, never instead.
         "reversal_recall": _pooled_recall([(r["reversals"], r["onsets"]) for r in rows], tol),
