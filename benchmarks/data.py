@@ -1,7 +1,7 @@
 """Data-loading throughput: Ray Data pipeline vs a single-process webdataset loop, same S3 shards.
 
 Starts a local S3 endpoint (`data.local_s3`: moto_server on a free port), writes synthetic
-shards to it with `data.shards.synth`, fits the embedded codecs, then measures samples/s for
+shards to it with `data.synth.synth`, fits the embedded codecs, then measures samples/s for
   plain  : `data.reader.iter_samples` in this process (decode; decode + codec encode)
   ray    : `data.ray_data.build_dataset` / `latent_dataset` on a local Ray with 1 and 2 CPUs
 and prints the figures with ray/plain ratios. Each Ray figure is the best of `--repeats` runs
@@ -86,7 +86,7 @@ def run(clips: int = 16, seconds: float = 5.04, shard_size: int = 4, repeats: in
 
     from data.local_s3 import local_s3
     from data.reader import iter_samples
-    from data.shards import synth
+    from data.synth import synth
     from model.codecs import fit_codecs, save_codecs
 
     threads = torch.get_num_threads()

@@ -43,7 +43,7 @@ def synth(
     balls: Annotated[int, typer.Option(min=1, max=4, help="at most this many balls per clip")] = 2,
 ) -> None:
     """Render synthetic bouncing-ball clips into webdataset shards (mp4 + json) + index.json."""
-    from data.shards import synth as run
+    from data.synth import synth as run
 
     with _progress("synth", clips) as tick:
         try:

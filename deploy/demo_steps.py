@@ -23,7 +23,7 @@ def step(title: str) -> None:
 
 def prepare_shards(out: Path, clips: int, seconds: float, seed: int, hw: tuple = (64, 64)) -> Path:
     """One-ball world shards at out/shards (kept if present)."""
-    from data.shards import synth
+    from data.synth import synth
 
     shards = out / "shards"
     if not (shards / "index.json").is_file():

@@ -89,7 +89,7 @@ def test_inspect_cli_reports_and_draws(bad_shards, tmp_path):
 
 
 def test_fit_codec_cli_saves_codecs_and_reports_quality(tmp_path):
-    from data.shards import synth
+    from data.synth import synth
 
     synth(str(tmp_path / "s"), 4, shard_size=2, seed=2, seconds=2.04, height=32, width=32)
     out = tmp_path / "codec"

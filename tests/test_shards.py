@@ -22,9 +22,9 @@ from data.shards import (
     iter_tar,
     read_index,
     resolve,
-    synth,
     write_tar,
 )
+from data.synth import synth
 
 SMALL = dict(seconds=1.04, height=32, width=32)
 
