@@ -3,9 +3,11 @@
 Routes: `POST /v1/generate` (chunked stream of framed parts, see deploy/protocol.py),
 `GET /v1/stream` (WebSocket, same parts + cancel), `GET /` (live player page), `GET /healthz`,
 `GET /v1/model`. Errors are JSON `{"error": {"field", "message", "status"}}`. The deployment's
-`user_config` carries the model URI and a revision; a redeploy with a new revision (what
-`omniforcing serve --reload` does) reloads the model in place while running streams keep their
-old generator. Generation itself, admission and cache freeing live in deploy/engine.py.
+`user_config` carries the model URI and a revision. `omniforcing serve --reload` redeploys with a
+new revision: Serve starts a replica on it and drains the old one, whose running streams finish
+on the old weights; a config-file update of `user_config` alone reloads in place (`reconfigure`),
+the running streams keeping their old generator either way. `/healthz` reports the revision, so a
+caller can tell when the new one answers. Generation, admission and cache freeing: deploy/engine.py.
 """
 
 import asyncio
@@ -155,6 +157,7 @@ class OmniForcingServer:
             "status": "ok",
             "model": info,
             "reload_error": self.reload_error,
+            "revision": self.revision,
             **self.engine.stats(),
         }
 

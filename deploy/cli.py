@@ -54,6 +54,36 @@ def start_serve(
     return serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
 
 
+def reload_serve(model: str, url: str, timeout_s: float = 600.0, **kwargs: Any) -> dict[str, Any]:
+    """Redeploy the running app under a new revision (the alias is resolved again) and return
+    `/healthz` of the first replica that answers on it. Serve drains the old replica (its running
+    streams finish on the old weights) in the background; this does not wait for that."""
+    import threading
+
+    import httpx
+
+    revision, failed = time.time_ns(), []
+
+    def deploy() -> None:  # serve.run returns only once the old replica has drained
+        try:
+            start_serve(model, revision=revision, **kwargs)
+        except Exception as err:  # noqa: BLE001 — reported below
+            failed.append(err)
+
+    threading.Thread(target=deploy, daemon=True, name="omniforcing-reload").start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not failed:
+        try:
+            info = httpx.get(url + "/healthz", timeout=10).json()
+            if info.get("revision") == revision:
+                return info
+        except (httpx.HTTPError, ValueError):
+            pass  # a replica starting or stopping; ask again
+        time.sleep(0.5)
+    reason = f"{type(failed[0]).__name__}: {failed[0]}" if failed else f"no answer in {timeout_s} s"
+    raise RuntimeError(f"reload of {model} failed: {reason}")
+
+
 def serve_cmd(
     model: str = typer.Option(DEFAULT_MODEL, help="models:/name@alias, a bundle dir, synthetic:"),
     host: str = typer.Option("127.0.0.1", help="HTTP bind address."),
@@ -67,34 +97,27 @@ def serve_cmd(
     device: str | None = typer.Option(None, help="torch device (default: cuda if present)."),
     reload: bool = typer.Option(
         False,
-        help="Redeploy into the running app (re-resolves the alias): a new replica takes new "
-        "streams at once, the old one finishes its running streams; returns once it drained.",
+        help="Redeploy into the running app (re-resolves the alias); returns once a replica on "
+        "the new revision answers, while the old one finishes its running streams.",
     ),
 ) -> None:
     """Serve the streaming generator over HTTP + WebSocket with a live browser player."""
-    if reload:
-        address = address or "auto"
-    revision = time.time_ns() if reload else 0
-    start_serve(
-        model,
-        host,
-        port,
-        replicas,
-        max_streams,
-        max_seconds,
-        address,
-        replica_cpus,
-        revision,
-        replica_gpus=replica_gpus,
-        device=device,
-    )
     url = f"http://{host}:{port}"
+    common = dict(host=host, port=port, replicas=replicas, max_streams=max_streams)
+    common |= dict(max_seconds=max_seconds, replica_cpus=replica_cpus)
+    common |= dict(replica_gpus=replica_gpus, device=device)
     if reload:
-        import httpx
-
-        info = httpx.get(url + "/healthz", timeout=30).json()
-        typer.echo(f"reloaded: {json.dumps(info['model'])}; reload_error={info['reload_error']}")
+        try:
+            info = reload_serve(model, url, address=address or "auto", **common)
+        except RuntimeError as err:
+            typer.echo(str(err), err=True)
+            raise typer.Exit(1) from None
+        typer.echo(
+            f"reloaded: {json.dumps(info['model'])}; reload_error={info['reload_error']} "
+            "(the old replica finishes its running streams, then stops)"
+        )
         return
+    start_serve(model, address=address, **common)
     import ray
     from ray import serve
 

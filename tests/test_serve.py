@@ -53,6 +53,16 @@ def _stats(url: str) -> dict:
     return httpx.get(url + "/healthz", timeout=10).json()
 
 
+def _replicas() -> dict[str, int]:
+    """Replica states of the served deployment ({"RUNNING": 1} when nothing is changing)."""
+    from ray import serve
+
+    from deploy.app import APP_NAME
+
+    (deployment,) = serve.status().applications[APP_NAME].deployments.values()
+    return {str(k): v for k, v in deployment.replica_states.items() if v}
+
+
 def _idle(url: str, before: dict) -> bool:
     now = _stats(url)
     keys = ("active_streams", "live_generators")
@@ -212,7 +222,7 @@ def test_disconnect_mid_stream_frees_the_session(server: str) -> None:
 def test_alias_move_and_reload_switch_version_while_running_stream_stays_on_old(
     server: str, registry, tiny_bundle_dir, tmp_path
 ) -> None:
-    from deploy.cli import start_serve
+    from deploy.cli import reload_serve
 
     tracking_uri, first = registry
     old = httpx.get(server + "/v1/model", headers=AUTH).json()
@@ -226,26 +236,13 @@ def test_alias_move_and_reload_switch_version_while_running_stream_stays_on_old(
     parts = [next(running), next(running)]
     assert [p.type for p in parts] == ["start", "chunk"]
     assert _stats(server)["active_streams"] == 1
-    # `serve --reload` redeploys: Serve starts a replica on the new version and drains the old
-    # one, whose running streams go on (graceful shutdown); the call returns once they ended.
-    port, errors = int(server.rsplit(":", 1)[1]), []
+    # `serve --reload`: Serve starts a replica on the new revision and drains the old one, whose
+    # running streams go on; `reload_serve` returns once the new revision answers /healthz.
+    port = int(server.rsplit(":", 1)[1])
     settings = {"max_streams": MAX_STREAMS, "max_seconds": MAX_SECONDS, "api_key": KEY}
-
-    def reload() -> None:
-        try:
-            start_serve(MODEL, port=port, replica_cpus=0.5, revision=1, **settings)
-        except Exception as err:  # noqa: BLE001 — reported by the assertion below
-            errors.append(err)
-
-    reloading = threading.Thread(target=reload, daemon=True)
-    reloading.start()
-    wait_for(
-        lambda: (
-            httpx.get(server + "/v1/model", headers=AUTH).json()["version"] == second["version"]
-        ),
-        120,
-        "the new version",
-    )
+    info = reload_serve(MODEL, server, timeout_s=120, port=port, replica_cpus=0.5, **settings)
+    assert info["model"]["version"] == second["version"]
+    assert httpx.get(server + "/v1/model", headers=AUTH).json()["version"] == second["version"]
     # The stream admitted before the reload goes on, on the old weights: its chunks are those of
     # the version-1 bundle generated in-process (same prompt, seed and length).
     parts += [next(running) for _ in range(5)]
@@ -256,10 +253,9 @@ def test_alias_move_and_reload_switch_version_while_running_stream_stays_on_old(
         np.testing.assert_array_equal(r.frames, loc.frames)
         np.testing.assert_allclose(r.audio, loc.audio, rtol=0, atol=1e-5)
     local.close()
-    assert reloading.is_alive()  # the old replica still drains: the stream is running
+    assert _replicas() == {"RUNNING": 1, "STOPPING": 1}  # the old one drains: stream running
     running.close()  # the client leaves: the stream is cancelled, the old replica can stop
-    reloading.join(timeout=120)
-    assert not reloading.is_alive() and not errors, errors
+    wait_for(lambda: _replicas() == {"RUNNING": 1}, 120, "the old replica to drain and stop")
     new_parts = list(stream_http(server, "a red ball", 1, seed=1, api_key=KEY))
     assert new_parts[0].header["model"]["version"] == second["version"]
     assert not np.array_equal(new_parts[2].audio, parts[2].audio)  # other weights, same seed
