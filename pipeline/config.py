@@ -68,6 +68,9 @@ class DataSection(_Strict):
     # Decode + encode the shards once and keep the latents in Ray's object store, so epochs
     # after the first cost no mp4 decoding (small data sets: the demo's 2k clips are ~70 MB).
     cache_latents: bool = False
+    # How long the codec actors may take to start before the job fails (never hangs): a busy
+    # 2-core box has needed minutes to start one beside other work.
+    actor_start_timeout_s: float = Field(default=300.0, gt=0)
 
 
 class OptimizerSection(_Strict):

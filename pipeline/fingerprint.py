@@ -27,6 +27,7 @@ _RESUME_FREE = (
     # but the ODE state, CFG and x0 stay fp32 either way, so only the network's own rounding
     # differs. Free also so that adding the key left existing fingerprints unchanged.
     "distill.actor_gpus",
+    "data.actor_start_timeout_s",  # how long to wait for actors, not what they compute
     "storage",
     "mlflow",
 )

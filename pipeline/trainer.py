@@ -97,7 +97,9 @@ def build_dataset(cfg: JobConfig) -> Any:
 
         # S3 endpoint and keys come from the environment (AWS_ENDPOINT_URL, AWS_*), see data/.
         ds = latent_dataset(
-            cfg.data.path, cfg.data.codec_dir or cfg.data.path.rstrip("/") + "/codecs"
+            cfg.data.path,
+            cfg.data.codec_dir or cfg.data.path.rstrip("/") + "/codecs",
+            wait_for_min_actors_s=cfg.data.actor_start_timeout_s,
         )
         if cfg.data.clips:
             ds = ds.limit(cfg.data.clips)
