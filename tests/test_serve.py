@@ -195,12 +195,11 @@ def test_eight_concurrent_streams_complete_and_ninth_gets_503(server: str) -> No
 def test_disconnect_mid_stream_frees_the_session(server: str) -> None:
     before = _stats(server)
     # HTTP: read the first chunk of a long clip, then drop the connection.
-    with httpx.Client(timeout=60) as http:
-        body = {"prompt": "a ball", "seconds": MAX_SECONDS}  # long: still running when we leave
-        with http.stream("POST", server + "/v1/generate", json=body, headers=AUTH) as resp:
-            assert resp.status_code == 200
-            next(resp.iter_bytes())
-            assert _stats(server)["active_streams"] == before["active_streams"] + 1
+    parts = stream_http(server, "a ball", MAX_SECONDS, api_key=KEY)
+    head = [next(parts), next(parts)]
+    assert [p.type for p in head] == ["start", "chunk"], head[-1].header
+    assert _stats(server)["active_streams"] == before["active_streams"] + 1
+    parts.close()  # leaves the HTTP stream: the connection is dropped
     t0 = time.monotonic()
     wait_for(lambda: _idle(server, before), 20, "HTTP session to be freed")
     http_free_s = time.monotonic() - t0
