@@ -64,6 +64,19 @@ async def _request_error(_: Request, err: RequestError) -> JSONResponse:
     return JSONResponse(err.to_json(), status_code=err.status, headers=headers)
 
 
+class _PartStream(StreamingResponse):
+    """A StreamingResponse that ends only when its parts end or the request is cancelled.
+
+    Starlette's own, under ASGI spec < 2.4 (what Serve's replicas get), also ends the response
+    when `receive()` yields `http.disconnect`; in CI a stream started just after eight others
+    ended was cut after its first part that way (POST 200 in 20 ms, the client still reading).
+    A client that really leaves is still noticed: Serve's proxy cancels the replica's request,
+    and the engine's `finally` frees the session (tests/test_serve.py times it)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.stream_response(send)
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refusing (413) as soon as it grows past `limit` instead of buffering it all."""
     declared = request.headers.get("content-length")
@@ -175,7 +188,7 @@ class OmniForcingServer:
         sid = self._admit()  # a slot whose stream never starts is reclaimed by the engine
         parts = self.engine.stream(sid, req)
         headers = {"X-Stream-Id": sid, "Cache-Control": "no-store"}
-        return StreamingResponse(parts, media_type=MEDIA_TYPE, headers=headers)
+        return _PartStream(parts, media_type=MEDIA_TYPE, headers=headers)
 
     @api.websocket("/v1/stream")
     async def stream(self, ws: WebSocket) -> None:
