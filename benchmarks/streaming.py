@@ -180,9 +180,13 @@ def profile_block(model: AVDiT, window: int, device, dtype, rows: int = 20) -> s
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+def _figures(out: dict) -> dict:
+    return {k: v for k, v in out.items() if k != "profile"}  # the operator table prints apart
+
+
 def _note(out: dict) -> None:
     # Figures so far on stderr: a later section that fails (an OOM in the teacher) loses nothing.
-    print(json.dumps({k: v for k, v in out.items() if k != "profile"}), file=sys.stderr, flush=True)
+    print(json.dumps(_figures(out)), file=sys.stderr, flush=True)
 
 
 def run_preset(
@@ -267,7 +271,7 @@ def main() -> None:
     results.update(figures)
     for r in results["runs"]:
         print(r.get("profile", ""))
-        print(json.dumps({k: v for k, v in r.items() if k != "profile"}, indent=2))
+        print(json.dumps(_figures(r), indent=2))
     if args.json:
         write_atomic(Path(args.json), json.dumps(results, indent=2) + "\n")
 

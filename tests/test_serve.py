@@ -24,8 +24,8 @@ AUTH = {"X-API-Key": KEY}
 MAX_STREAMS = 8
 # The server's cap, also the length of the streams a test inspects, drops or reloads under: the
 # tiny model makes a second of content in ≈ 25 ms, and the Serve proxy pulls parts from the replica
-# as fast as they come (it does not wait for the client), so a 120 s stream could end before the
-# test looked at it (seen once in CI). 3600 s takes ≥ 90 s; such streams are always cancelled.
+# as fast as they come (it does not wait for the client), so a 120 s stream can end within seconds,
+# before a test has looked at it. 3600 s takes ≥ 90 s; such streams are always cancelled.
 MAX_SECONDS = 3600
 
 

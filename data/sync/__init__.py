@@ -96,13 +96,20 @@ def sync_report(contacts: list[float], onsets: list[float], tol: float = 0.040) 
     }
 
 
+def _clip_hits(
+    pairs: list[tuple[list[float], list[float]]], tol: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per clip: contacts with an onset within `tol`, and contacts ([N] ints each)."""
+    hits = [
+        int(np.sum(np.abs(_nearest(np.asarray(c, float), np.asarray(o, float))) <= tol))
+        for c, o in pairs
+    ]
+    return np.asarray(hits, dtype=np.int64), np.asarray([len(c) for c, _ in pairs], dtype=np.int64)
+
+
 def _pooled_recall(pairs: list[tuple[list[float], list[float]]], tol: float) -> float:
-    hits = total = 0
-    for contacts, onsets in pairs:
-        off = _nearest(np.asarray(contacts, float), np.asarray(onsets, float))
-        hits += int(np.sum(np.abs(off) <= tol))
-        total += len(contacts)
-    return hits / total if total else float("nan")
+    hits, totals = _clip_hits(pairs, tol)
+    return int(hits.sum()) / int(totals.sum()) if totals.sum() else float("nan")
 
 
 def clip_bootstrap_interval(
@@ -117,15 +124,9 @@ def clip_bootstrap_interval(
     Clips are the unit, not contacts: the contacts of one clip share its sampling noise, so a
     binomial interval over contacts would be too narrow. Fixed seed: the same rows give the same
     interval. (nan, nan) for fewer than two clips or no contacts."""
-    totals = np.array([len(c) for c, _ in pairs])
+    hits, totals = _clip_hits(pairs, tol)
     if len(pairs) < 2 or totals.sum() == 0:
         return float("nan"), float("nan")
-    hits = np.array(
-        [
-            int(np.sum(np.abs(_nearest(np.asarray(c, float), np.asarray(o, float))) <= tol))
-            for c, o in pairs
-        ]
-    )
     idx = np.random.default_rng(seed).integers(0, len(pairs), size=(resamples, len(pairs)))
     h, t = hits[idx].sum(1), totals[idx].sum(1)
     shares = h[t > 0] / t[t > 0]
