@@ -63,7 +63,9 @@ class TeacherStage:
         cfg = ctx.cfg
         self.mcfg = cfg.build_model_config(causal=False)
         net = TeacherNet(AVDiT(self.mcfg), build_text_encoder(cfg, self.mcfg.text_dim))
-        self.engine = make_engine(net.to(ctx.device), cfg)
+        # `make_engine` in ctx.extra: pipeline.single's plain-torch engine (no DeepSpeed there).
+        make = ctx.extra.get("make_engine", make_engine)
+        self.engine = make(net.to(ctx.device), cfg)
         ema = cfg.train.ema
         self._emas = {"teacher": Ema(self.engine.module, ema.decay)} if ema.enabled else {}
 

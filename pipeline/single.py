@@ -1,0 +1,301 @@
+"""Teacher training in one process on one device, without Ray, DeepSpeed or MLflow.
+
+For a machine that has torch and a GPU but not our cluster stack (the lent GPU boxes have no
+package registry, and Ray's wheel alone exceeds what can be carried there). It drives the same
+`TeacherStage` as `omniforcing train teacher` (noise draws, loss, cross-modal reliance, EMA), with
+`TorchEngine` standing in for the DeepSpeed engine (same AdamW settings, warm-up + cosine schedule,
+clipping, loss scaling under grad accumulation). Data are rendered in-process by the synthetic
+world and encoded with a Bundle's fitted codecs (no mp4 round trip), so the run needs no shards.
+
+    python -m pipeline.single render --clips 16384 --seed 1 --codecs pipeline/assets/demo-teacher \
+        --out /tmp/latents
+    python -m pipeline.single train --config configs/demo-teacher.yaml --latents /tmp/latents \
+        --minutes 7 --out /tmp/run-a --set model.overrides.layers=6
+
+`train` writes the EMA weights with the run's record (config, metric history, steps, wall time,
+hardware) in the safetensors metadata, in files of at most 15 MiB; `export` turns them and the
+codecs into a model Bundle. Resume is not supported: a run is one sitting on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import JobConfig, load_config, validate
+from pipeline.parallelize import lr_multiplier
+from pipeline.stages import WorkerContext
+
+SHARD_BYTES = 15 * 2**20  # files that come back from a lent machine are capped at 16 MiB
+
+
+class TorchEngine:
+    """The part of DeepSpeed's engine interface the stages use, on plain torch AdamW."""
+
+    def __init__(self, net: torch.nn.Module, cfg: JobConfig) -> None:
+        t = cfg.train
+        self.module, self.cfg, self.accum, self.clip = net, cfg, t.grad_accum, t.clip_grad
+        params = [p for p in net.parameters() if p.requires_grad]
+        fused = {"fused": True} if params and params[0].is_cuda else {}
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=t.lr,
+            betas=tuple(t.optimizer.betas),
+            eps=t.optimizer.eps,
+            weight_decay=t.optimizer.weight_decay,
+            **fused,
+        )
+        # The horizon may change after calibration (`set_config`), so read self.cfg each call.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_multiplier(s, self.cfg)
+        )
+        self.micro, self.grad_norm = 0, 0.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum).backward()  # DeepSpeed scales by 1/grad_accum the same way
+
+    def step(self) -> None:
+        self.micro += 1
+        if self.micro % self.accum:
+            return
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip or math.inf)
+        self.grad_norm = float(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def get_global_grad_norm(self) -> float:
+        return self.grad_norm
+
+    def get_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+
+def _render(job: tuple[int, int, str, float]) -> tuple[str, np.ndarray, np.ndarray]:
+    """One world clip → (caption, video latents [Fv,h,w,C], audio latents [Fa,C])."""
+    from data.synth import clip_seed
+    from data.world import render_clip
+    from model.bundle import Bundle
+
+    seed, index, codecs, seconds = job
+    torch.set_num_threads(1)
+    global _CODECS
+    if "_CODECS" not in globals():
+        b = Bundle.from_pretrained(codecs)
+        _CODECS = (b.video_codec, b.audio_codec)
+    clip = render_clip(clip_seed(seed, index), seconds=seconds, height=64, width=64, max_balls=1)
+    with torch.no_grad():
+        v = _CODECS[0].encode(torch.from_numpy(clip.frames)).float().numpy()
+        a = _CODECS[1].encode(torch.from_numpy(clip.audio.astype(np.float32))).float().numpy()
+    return str(clip.meta["caption"]), v, a
+
+
+def render(clips: int, seed: int, codecs: str, out: Path, seconds: float = 5.04) -> None:
+    """Render + encode `clips` world clips (seeds as `data synth --seed`) on every core."""
+    jobs = [(seed, i, codecs, seconds) for i in range(clips)]
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        rows = list(pool.map(_render, jobs, chunksize=64))
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "video.npy", np.stack([r[1] for r in rows]))
+    np.save(out / "audio.npy", np.stack([r[2] for r in rows]))
+    (out / "captions.json").write_text(json.dumps([r[0] for r in rows]))
+    print(f"rendered {clips} clips into {out}", flush=True)
+
+
+class RandomBatches:
+    """Batches drawn without replacement, epoch by epoch, from in-memory latents."""
+
+    def __init__(self, d: Path, batch_size: int, seed: int) -> None:
+        self.video, self.audio = np.load(d / "video.npy"), np.load(d / "audio.npy")
+        self.captions = np.array(json.loads((d / "captions.json").read_text()))
+        self.batch_size, self.rng = batch_size, np.random.default_rng(seed)
+        self.order, self.pos = self.rng.permutation(len(self.captions)), 0
+
+    def __call__(self) -> dict[str, Any]:
+        if self.pos + self.batch_size > len(self.order):
+            self.order, self.pos = self.rng.permutation(len(self.captions)), 0
+        idx = self.order[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return {"caption": self.captions[idx], "video": self.video[idx], "audio": self.audio[idx]}
+
+
+def _with_steps(cfg: JobConfig, steps: int) -> JobConfig:
+    raw = cfg.to_dict()
+    raw["train"]["steps"] = steps
+    return validate(raw, source="calibrated horizon")
+
+
+def _save(state: dict[str, torch.Tensor], record: dict[str, Any], prefix: Path) -> list[Path]:
+    """`state` as <prefix>.<k>.safetensors files of ≤ 15 MiB, each with the record, atomically."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nbytes
+    meta = {"record": json.dumps(record), "shards": str(len(shards))}
+    paths = []
+    for k, part in enumerate(shards):
+        path = prefix.with_name(f"{prefix.name}.{k}.safetensors")
+        save_file(part, str(path) + ".tmp", metadata=meta)
+        os.replace(str(path) + ".tmp", path)
+        paths.append(path)
+    return paths
+
+
+def load_weights(prefix: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(full state, record) from the files `_save` wrote at `prefix`."""
+    from safetensors import safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    first = prefix.with_name(f"{prefix.name}.0.safetensors")
+    if not first.is_file():
+        raise FileNotFoundError(f"{prefix}: no {first.name} (not a `pipeline.single train` output)")
+    with safe_open(str(first), "pt") as f:
+        meta = f.metadata()
+    for k in range(int(meta["shards"])):
+        with safe_open(str(prefix.with_name(f"{prefix.name}.{k}.safetensors")), "pt") as f:
+            state |= {n: f.get_tensor(n) for n in f.keys()}
+    return state, json.loads(meta["record"])
+
+
+def train(cfg: JobConfig, latents: Path, minutes: float, out: Path, device: str) -> Path:
+    """Train the teacher stage until `minutes` have passed; the cosine horizon is set from the
+    step rate measured over the first steps. Returns the weights prefix (see `_save`)."""
+    from pipeline.stages.teacher import TeacherStage
+
+    start = time.time()
+    deadline = start + minutes * 60
+    dev = torch.device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(cfg.train.seed)
+    ctx = WorkerContext(cfg, 0, 1, dev, torch.float32, {"make_engine": TorchEngine})
+    stage = TeacherStage()
+    stage.setup(ctx)
+    batches = RandomBatches(latents, cfg.data.batch_size, cfg.train.seed)
+    prefix = out / "teacher"
+    out.mkdir(parents=True, exist_ok=True)
+    history: list[dict[str, float]] = []
+    record: dict[str, Any] = {
+        "trained_by": "python -m pipeline.single train (TeacherStage on TorchEngine, one process)",
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "clips": len(batches.captions),
+    }
+    step, probe, t_probe, last_save, saved = 0, 60, 0.0, time.time(), -1
+    while step < cfg.train.steps and time.time() < deadline:
+        metrics = stage.train_step(step, batches, ctx)
+        step += 1
+        if step == 10:
+            t_probe = time.time()
+        if step == probe:  # horizon = the steps that fit in the time left
+            rate = (time.time() - t_probe) / (probe - 10)
+            cfg = _with_steps(cfg, probe + int(0.93 * (deadline - time.time()) / rate))
+            ctx.cfg = stage.engine.cfg = cfg
+            print(f"{rate * 1e3:.1f} ms/step: horizon {cfg.train.steps} steps", flush=True)
+        if step % cfg.train.log_every == 0 or "reliance/audio_on_video" in metrics:
+            history.append({"step": step, **metrics})
+        if step % (cfg.train.log_every * 10) == 0:
+            print(json.dumps({"step": step, **{k: round(v, 4) for k, v in metrics.items()}}))
+        if time.time() - last_save > 120 or step >= cfg.train.steps:
+            _checkpoint(stage, cfg, record, history, step, start, prefix)
+            last_save, saved = time.time(), step
+    if saved != step:
+        _checkpoint(stage, cfg, record, history, step, start, prefix)
+    return prefix
+
+
+def _checkpoint(
+    stage: Any,
+    cfg: JobConfig,
+    record: dict[str, Any],
+    history: list[dict[str, float]],
+    step: int,
+    start: float,
+    prefix: Path,
+) -> None:
+    """EMA (else live) weights + the record so far, at `prefix` (see `_save`)."""
+    from pipeline.parallelize import gather_full
+
+    ema = stage.emas().get("teacher")
+    state = gather_full(stage.engine.module, ema.state() if ema else None)
+    wall = time.time() - start
+    info = {"config": cfg.to_dict(), "steps": step, "wall_s": round(wall, 1)}
+    _save(state, record | info | {"metrics": history}, prefix)
+    print(f"saved step {step} ({wall / 60:.1f} min) at {prefix}", flush=True)
+
+
+def export(prefix: Path, codecs: str, out: Path) -> Path:
+    """A `train` output + the codecs of the Bundle at `codecs` → a model Bundle at `out`."""
+    from model import AVDiT
+    from model.bundle import Bundle
+    from pipeline.stages.teacher import TeacherNet, build_text_encoder
+
+    state, record = load_weights(prefix)
+    cfg = validate(record["config"], source=f"{prefix} record")
+    mcfg = cfg.build_model_config(causal=False)
+    net = TeacherNet(AVDiT(mcfg), build_text_encoder(cfg, mcfg.text_dim))
+    net.load_state_dict(state)
+    src = Bundle.from_pretrained(codecs)
+    extra = {"stage": "teacher", "step": record["steps"], "source": str(prefix)}
+    extra["trained_on"] = record["device"]
+    bundle = Bundle(net.dit.eval(), src.video_codec, src.audio_codec, net.text.eval())
+    return bundle.save_pretrained(out, extra)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("render", help="render + encode world clips into .npy latents")
+    r.add_argument("--clips", type=int, required=True)
+    r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--codecs", default="pipeline/assets/demo-teacher", help="a Bundle dir")
+    r.add_argument("--out", type=Path, required=True)
+    t = sub.add_parser("train", help="train the teacher stage for a wall-clock budget")
+    t.add_argument("--config", required=True)
+    t.add_argument("--set", action="append", default=[], dest="overrides")
+    t.add_argument("--latents", type=Path, required=True)
+    t.add_argument("--minutes", type=float, required=True)
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (parallel runs)")
+    e = sub.add_parser("export", help="weights from `train` → a model Bundle")
+    e.add_argument("--weights", type=Path, required=True, help="<out>/teacher of `train`")
+    e.add_argument("--codecs", default="pipeline/assets/demo-teacher")
+    e.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args(argv)
+    if a.cmd == "render":
+        render(a.clips, a.seed, a.codecs, a.out)
+    elif a.cmd == "train":
+        cfg = load_config(a.config, a.overrides)
+        if a.threads:  # several runs on one box: oversubscribed OpenMP threads spin-wait
+            torch.set_num_threads(a.threads)
+        train(cfg, a.latents, a.minutes, a.out, a.device)
+    else:
+        print(export(a.weights, a.codecs, a.out))
+
+
+if __name__ == "__main__":
+    main()
