@@ -35,6 +35,7 @@ from pipeline.config import JobConfig, load_config, validate
 from pipeline.parallelize import lr_multiplier
 from pipeline.stages import WorkerContext
 
+SHIPPED = str(Path(__file__).resolve().parent / "assets" / "demo-teacher")  # codecs' default
 SHARD_BYTES = 15 * 2**20  # files that come back from a lent machine are capped at 16 MiB
 
 
@@ -182,9 +183,12 @@ def load_weights(prefix: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     return state, json.loads(meta["record"])
 
 
-def train(cfg: JobConfig, latents: Path, minutes: float, out: Path, device: str) -> Path:
+def train(
+    cfg: JobConfig, latents: Path, minutes: float, out: Path, device: str, init: str | None = None
+) -> Path:
     """Train the teacher stage until `minutes` have passed; the cosine horizon is set from the
-    step rate measured over the first steps. Returns the weights prefix (see `_save`)."""
+    step rate measured over the first steps. `init`: a teacher Bundle to start from (weights and
+    EMA). Returns the weights prefix (see `_save`)."""
     from pipeline.stages.teacher import TeacherStage
 
     start = time.time()
@@ -195,6 +199,8 @@ def train(cfg: JobConfig, latents: Path, minutes: float, out: Path, device: str)
     ctx = WorkerContext(cfg, 0, 1, dev, torch.float32, {"make_engine": TorchEngine})
     stage = TeacherStage()
     stage.setup(ctx)
+    if init:
+        _load_init(stage, init)
     batches = RandomBatches(latents, cfg.data.batch_size, cfg.train.seed)
     prefix = out / "teacher"
     out.mkdir(parents=True, exist_ok=True)
@@ -203,6 +209,7 @@ def train(cfg: JobConfig, latents: Path, minutes: float, out: Path, device: str)
         "trained_by": "python -m pipeline.single train (TeacherStage on TorchEngine, one process)",
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "clips": len(batches.captions),
+        "init": init,
     }
     step, probe, t_probe, last_save, saved = 0, 60, 0.0, time.time(), -1
     while step < cfg.train.steps and time.time() < deadline:
@@ -225,6 +232,18 @@ def train(cfg: JobConfig, latents: Path, minutes: float, out: Path, device: str)
     if saved != step:
         _checkpoint(stage, cfg, record, history, step, start, prefix)
     return prefix
+
+
+def _load_init(stage: Any, init: str) -> None:
+    """Start from a Bundle's weights (a Bundle holds EMA weights: live and EMA both start there)."""
+    from model.bundle import Bundle
+
+    src = Bundle.from_pretrained(init)
+    net = stage.engine.module
+    net.dit.load_state_dict(src.model.state_dict())
+    net.text.load_state_dict(src.text_encoder.state_dict())
+    for ema in stage.emas().values():
+        ema.load({n: p.detach() for n, p in net.named_parameters()}, init)
 
 
 def _checkpoint(
@@ -271,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("render", help="render + encode world clips into .npy latents")
     r.add_argument("--clips", type=int, required=True)
     r.add_argument("--seed", type=int, default=1)
-    r.add_argument("--codecs", default="pipeline/assets/demo-teacher", help="a Bundle dir")
+    r.add_argument("--codecs", default=SHIPPED, help="a Bundle dir")
     r.add_argument("--out", type=Path, required=True)
     t = sub.add_parser("train", help="train the teacher stage for a wall-clock budget")
     t.add_argument("--config", required=True)
@@ -280,10 +299,11 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--minutes", type=float, required=True)
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--init", default=None, help="a teacher Bundle dir to start from")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (parallel runs)")
     e = sub.add_parser("export", help="weights from `train` → a model Bundle")
     e.add_argument("--weights", type=Path, required=True, help="<out>/teacher of `train`")
-    e.add_argument("--codecs", default="pipeline/assets/demo-teacher")
+    e.add_argument("--codecs", default=SHIPPED)
     e.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
     if a.cmd == "render":
@@ -292,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(a.config, a.overrides)
         if a.threads:  # several runs on one box: oversubscribed OpenMP threads spin-wait
             torch.set_num_threads(a.threads)
-        train(cfg, a.latents, a.minutes, a.out, a.device)
+        train(cfg, a.latents, a.minutes, a.out, a.device, a.init)
     else:
         print(export(a.weights, a.codecs, a.out))
 
