@@ -2,7 +2,7 @@
 
 Holds: the DeepSpeed config dict (AdamW via torch_adam, ZeRO stage, bf16 on GPU / fp32 on CPU,
 grad accumulation, clipping), the warm-up + cosine/constant LR multiplier, `make_engine`,
-shard-aware EMA, and gathering a full state dict under any ZeRO stage. It does not define models
+`TorchEngine` (the same optimizer without DeepSpeed, for `pipeline.single`), shard-aware EMA, and gathering a full state dict under any ZeRO stage. It does not define models
 (model/ does) and does not run the loop (pipeline.worker_loop does). Parallelism is applied *to* a
 model here, never written into it.
 """
@@ -79,6 +79,57 @@ def make_engine(net: nn.Module, cfg: JobConfig, lr: float | None = None) -> Any:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, multiplier),
     )
     return engine
+
+
+class TorchEngine:
+    """The part of DeepSpeed's engine interface the stages use, on plain torch AdamW."""
+
+    def __init__(self, net: torch.nn.Module, cfg: JobConfig) -> None:
+        t = cfg.train
+        self.module, self.cfg, self.accum, self.clip = net, cfg, t.grad_accum, t.clip_grad
+        params = [p for p in net.parameters() if p.requires_grad]
+        fused = {"fused": True} if params and params[0].is_cuda else {}
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=t.lr,
+            betas=tuple(t.optimizer.betas),
+            eps=t.optimizer.eps,
+            weight_decay=t.optimizer.weight_decay,
+            **fused,
+        )
+        # The horizon may change after calibration (`set_config`), so read self.cfg each call.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_multiplier(s, self.cfg)
+        )
+        self.micro, self.grad_norm = 0, 0.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum).backward()  # DeepSpeed scales by 1/grad_accum the same way
+
+    def step(self) -> None:
+        self.micro += 1
+        if self.micro % self.accum:
+            return
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip or math.inf)
+        self.grad_norm = float(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def get_global_grad_norm(self) -> float:
+        return self.grad_norm
+
+    def get_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -32,62 +31,11 @@ import numpy as np
 import torch
 
 from pipeline.config import JobConfig, load_config, validate
-from pipeline.parallelize import lr_multiplier
+from pipeline.parallelize import TorchEngine
 from pipeline.stages import WorkerContext
 
 SHIPPED = str(Path(__file__).resolve().parent / "assets" / "demo-teacher")  # codecs' default
 SHARD_BYTES = 15 * 2**20  # files that come back from a lent machine are capped at 16 MiB
-
-
-class TorchEngine:
-    """The part of DeepSpeed's engine interface the stages use, on plain torch AdamW."""
-
-    def __init__(self, net: torch.nn.Module, cfg: JobConfig) -> None:
-        t = cfg.train
-        self.module, self.cfg, self.accum, self.clip = net, cfg, t.grad_accum, t.clip_grad
-        params = [p for p in net.parameters() if p.requires_grad]
-        fused = {"fused": True} if params and params[0].is_cuda else {}
-        self.optimizer = torch.optim.AdamW(
-            params,
-            lr=t.lr,
-            betas=tuple(t.optimizer.betas),
-            eps=t.optimizer.eps,
-            weight_decay=t.optimizer.weight_decay,
-            **fused,
-        )
-        # The horizon may change after calibration (`set_config`), so read self.cfg each call.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_multiplier(s, self.cfg)
-        )
-        self.micro, self.grad_norm = 0, 0.0
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
-
-    def train(self) -> None:
-        self.module.train()
-
-    def eval(self) -> None:
-        self.module.eval()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.accum).backward()  # DeepSpeed scales by 1/grad_accum the same way
-
-    def step(self) -> None:
-        self.micro += 1
-        if self.micro % self.accum:
-            return
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip or math.inf)
-        self.grad_norm = float(norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-
-    def get_global_grad_norm(self) -> float:
-        return self.grad_norm
-
-    def get_lr(self) -> list[float]:
-        return [g["lr"] for g in self.optimizer.param_groups]
 
 
 def _render(job: tuple[int, int, str, float]) -> tuple[str, np.ndarray, np.ndarray]:

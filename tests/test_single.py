@@ -36,7 +36,7 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WO
                   LOCAL_RANK="0")
 from pipeline.config import load_config
 from pipeline.parallelize import make_engine
-from pipeline.single import TorchEngine
+from pipeline.parallelize import TorchEngine
 
 cfg = load_config(None, ["train.lr=0.05", "train.warmup_steps=2", "train.steps=6",
                          "train.grad_accum=2", "train.clip_grad=0.5", "train.zero_stage=1",
