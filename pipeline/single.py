@@ -20,6 +20,7 @@ codecs into a model Bundle. Resume is not supported: a run is one sitting on one
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -38,22 +39,27 @@ SHIPPED = str(Path(__file__).resolve().parent / "assets" / "demo-teacher")  # co
 SHARD_BYTES = 15 * 2**20  # files that come back from a lent machine are capped at 16 MiB
 
 
+@functools.lru_cache(maxsize=1)
+def _codecs(bundle_dir: str) -> tuple[Any, Any]:
+    """(video, audio) codecs of a Bundle, loaded once per worker process."""
+    from model.bundle import Bundle
+
+    b = Bundle.from_pretrained(bundle_dir)
+    return b.video_codec, b.audio_codec
+
+
 def _render(job: tuple[int, int, str, float]) -> tuple[str, np.ndarray, np.ndarray]:
     """One world clip → (caption, video latents [Fv,h,w,C], audio latents [Fa,C])."""
     from data.synth import clip_seed
     from data.world import render_clip
-    from model.bundle import Bundle
 
     seed, index, codecs, seconds = job
-    torch.set_num_threads(1)
-    global _CODECS
-    if "_CODECS" not in globals():
-        b = Bundle.from_pretrained(codecs)
-        _CODECS = (b.video_codec, b.audio_codec)
+    torch.set_num_threads(1)  # one process per core already
+    video, audio = _codecs(codecs)
     clip = render_clip(clip_seed(seed, index), seconds=seconds, height=64, width=64, max_balls=1)
     with torch.no_grad():
-        v = _CODECS[0].encode(torch.from_numpy(clip.frames)).float().numpy()
-        a = _CODECS[1].encode(torch.from_numpy(clip.audio.astype(np.float32))).float().numpy()
+        v = video.encode(torch.from_numpy(clip.frames)).float().numpy()
+        a = audio.encode(torch.from_numpy(clip.audio.astype(np.float32))).float().numpy()
     return str(clip.meta["caption"]), v, a
 
 
@@ -75,6 +81,10 @@ class RandomBatches:
     def __init__(self, d: Path, batch_size: int, seed: int) -> None:
         self.video, self.audio = np.load(d / "video.npy"), np.load(d / "audio.npy")
         self.captions = np.array(json.loads((d / "captions.json").read_text()))
+        if batch_size > len(self.captions):
+            raise ValueError(
+                f"data.batch_size={batch_size} exceeds the {len(self.captions)} clips in {d}"
+            )
         self.batch_size, self.rng = batch_size, np.random.default_rng(seed)
         self.order, self.pos = self.rng.permutation(len(self.captions)), 0
 
@@ -105,7 +115,8 @@ def _save(state: dict[str, torch.Tensor], record: dict[str, Any], prefix: Path) 
             size = 0
         shards[-1][name] = t.contiguous()
         size += nbytes
-    meta = {"record": json.dumps(record), "shards": str(len(shards))}
+    # Files are replaced one by one: `save` (a per-call token) lets a reader reject a mixed set.
+    meta = {"record": json.dumps(record), "shards": str(len(shards)), "save": str(time.time_ns())}
     paths = []
     for k, part in enumerate(shards):
         path = prefix.with_name(f"{prefix.name}.{k}.safetensors")
@@ -126,7 +137,10 @@ def load_weights(prefix: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     with safe_open(str(first), "pt") as f:
         meta = f.metadata()
     for k in range(int(meta["shards"])):
-        with safe_open(str(prefix.with_name(f"{prefix.name}.{k}.safetensors")), "pt") as f:
+        path = prefix.with_name(f"{prefix.name}.{k}.safetensors")
+        with safe_open(str(path), "pt") as f:
+            if f.metadata().get("save") != meta.get("save"):
+                raise ValueError(f"{path}: from another save than {first.name} (interrupted?)")
             state |= {n: f.get_tensor(n) for n in f.keys()}
     return state, json.loads(meta["record"])
 

@@ -93,6 +93,18 @@ def test_sharded_weights_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert all(torch.equal(loaded[k], state[k]) for k in state)
     with pytest.raises(FileNotFoundError, match="not a `pipeline.single train` output"):
         single.load_weights(tmp_path / "other")
+    later = tmp_path / "later"
+    later.mkdir()
+    single._save(state, {"steps": 8}, later / "teacher")
+    (later / "teacher.1.safetensors").replace(tmp_path / "teacher.1.safetensors")
+    with pytest.raises(ValueError, match="teacher.1.safetensors: from another save"):
+        single.load_weights(tmp_path / "teacher")  # a save interrupted between its files
+
+
+def test_batch_larger_than_the_data_is_named(tmp_path: Path) -> None:
+    single.render(2, seed=0, codecs=single.SHIPPED, out=tmp_path)
+    with pytest.raises(ValueError, match="data.batch_size=4 exceeds the 2 clips"):
+        single.RandomBatches(tmp_path, 4, seed=0)
 
 
 @pytest.mark.slow
