@@ -148,8 +148,8 @@ def load_weights(prefix: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
 def train(
     cfg: JobConfig, latents: Path, minutes: float, out: Path, device: str, init: str | None = None
 ) -> Path:
-    """Train the teacher stage until `minutes` have passed; the cosine horizon is set from the
-    step rate measured over the first steps. `init`: a teacher Bundle to start from (weights and
+    """Train the teacher stage until `minutes` have passed (or `train.steps` are done); the
+    cosine horizon is then set from the step rate measured over steps 10–60. `init`: a teacher Bundle to start from (weights and
     EMA). Returns the weights prefix (see `_save`)."""
     from pipeline.stages.teacher import TeacherStage
 
