@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import AVDiT, BlockLayout, preset
-from model.rope import RopeTables, apply_rope
+from model.rope import RopeTables, apply_rope, pair_tables, rope_cos_sin
 
 B, SECONDS = 2, 3
 
@@ -107,6 +107,30 @@ def test_cache_rejects_blocks_out_of_order(student):
     cache = student.new_cache(t, m, SECONDS)
     with pytest.raises(ValueError, match="out of order"):
         student.forward_block(v[:, 1:4], a[:, 1:26], sv[:, 1:4], sa[:, 1:26], 1, cache)
+
+
+def test_rope_rotates_pairs_and_keeps_relative_positions():
+    """apply_rope is the pairwise rotation (x1 c − x2 s, x2 c + x1 s); q·k after it depends only on
+    the positions' difference, and norms are kept."""
+    g = torch.Generator().manual_seed(0)
+    pos = torch.rand(6, 1, generator=g) * 10  # seconds
+    cos, sin = rope_cos_sin(pos, (20.0,), 16, 10000.0)  # [6, 8]
+    x = torch.randn(2, 3, 6, 16, generator=g)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    want = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    got = apply_rope(x, *pair_tables(cos, sin))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.norm(dim=-1), x.norm(dim=-1))
+    q, k = torch.randn(16, generator=g), torch.randn(16, generator=g)
+
+    def score(pq: float, pk: float) -> float:
+        c, s = pair_tables(*rope_cos_sin(torch.tensor([[pq], [pk]]), (20.0,), 16, 10000.0))
+        rq = apply_rope(q.view(1, 1, 1, 16), c[:1], s[:1])
+        rk = apply_rope(k.view(1, 1, 1, 16), c[1:], s[1:])
+        return float((rq * rk).sum())
+
+    assert score(1.0, 3.5) == pytest.approx(score(7.0, 9.5), abs=1e-5)
+    assert abs(score(1.0, 3.5) - score(1.0, 1.5)) > 1e-3
 
 
 def test_sinks_have_identity_rotation_and_are_stripped(student):
