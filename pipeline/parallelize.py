@@ -2,8 +2,8 @@
 
 Holds: the DeepSpeed config dict (AdamW via torch_adam, ZeRO stage, bf16 on GPU / fp32 on CPU,
 grad accumulation, clipping), the warm-up + cosine/constant LR multiplier, `make_engine`,
-`TorchEngine` (the same optimizer without DeepSpeed, for `pipeline.single`), shard-aware EMA, and gathering a full state dict under any ZeRO stage. It does not define models
-(model/ does) and does not run the loop (pipeline.worker_loop does). Parallelism is applied *to* a
+`TorchEngine` (the same optimizer without DeepSpeed, for `pipeline.single`), shard-aware EMA,
+and gathering a full state dict under any ZeRO stage. It does not define models (model/ does) and does not run the loop (pipeline.worker_loop does). Parallelism is applied *to* a
 model here, never written into it.
 """
 
@@ -84,7 +84,7 @@ def make_engine(net: nn.Module, cfg: JobConfig, lr: float | None = None) -> Any:
 class TorchEngine:
     """The part of DeepSpeed's engine interface the stages use, on plain torch AdamW."""
 
-    def __init__(self, net: torch.nn.Module, cfg: JobConfig) -> None:
+    def __init__(self, net: nn.Module, cfg: JobConfig) -> None:
         t = cfg.train
         self.module, self.cfg, self.accum, self.clip = net, cfg, t.grad_accum, t.clip_grad
         params = [p for p in net.parameters() if p.requires_grad]
@@ -97,7 +97,8 @@ class TorchEngine:
             weight_decay=t.optimizer.weight_decay,
             **fused,
         )
-        # The horizon may change after calibration (`set_config`), so read self.cfg each call.
+        # pipeline.single replaces self.cfg once it has measured the step rate (a new horizon),
+        # so the multiplier reads self.cfg at every call.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, self.cfg)
         )
