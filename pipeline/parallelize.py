@@ -3,8 +3,9 @@
 Holds: the DeepSpeed config dict (AdamW via torch_adam, ZeRO stage, bf16 on GPU / fp32 on CPU,
 grad accumulation, clipping), the warm-up + cosine/constant LR multiplier, `make_engine`,
 `TorchEngine` (the same optimizer without DeepSpeed, for `pipeline.single`), shard-aware EMA,
-and gathering a full state dict under any ZeRO stage. It does not define models (model/ does) and does not run the loop (pipeline.worker_loop does). Parallelism is applied *to* a
-model here, never written into it.
+and gathering a full state dict under any ZeRO stage. It does not define models (model/ does)
+and does not run the loop (pipeline.worker_loop does). Parallelism is applied *to* a model here,
+never written into it.
 """
 
 from __future__ import annotations
