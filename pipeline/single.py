@@ -14,7 +14,8 @@ world and encoded with a Bundle's fitted codecs (no mp4 round trip), so the run 
 
 `train` writes the EMA weights with the run's record (config, metric history, steps, wall time,
 hardware) in the safetensors metadata, in files of at most 15 MiB; `export` turns them and the
-codecs into a model Bundle. Resume is not supported: a run is one sitting on one machine.
+codecs into a model Bundle, `log` records the run in MLflow afterwards (where MLflow is: the box
+has none). Resume is not supported: a run is one sitting on one machine.
 """
 
 from __future__ import annotations
@@ -246,6 +247,39 @@ def export(prefix: Path, codecs: str, out: Path) -> Path:
     return bundle.save_pretrained(out, extra)
 
 
+def log_run(prefix: Path, codecs: str = SHIPPED, tracking_uri: str | None = None) -> str:
+    """Record a `train` output as a finished MLflow teacher run, as `omniforcing train teacher`
+    would have: config params, the metric history, loss curves and the exported `bundle` artifact
+    (so `distill.teacher: <run id>` and `runs:/<id>/bundle` work). Returns the run id."""
+    import tempfile
+
+    from pipeline import tracking
+    from pipeline.plots import loss_curve
+
+    _, record = load_weights(prefix)
+    cfg = validate(record["config"], source=f"{prefix} record")
+    uri = tracking_uri or tracking.tracking_uri(cfg)
+    client = tracking.client_for(uri)
+    run_id = tracking.start_stage_run(client, cfg, "teacher", f"single-{prefix.parent.name}")
+    logger = tracking.MetricLogger(uri, run_id)
+    for row in record["metrics"]:
+        logger.log(int(row["step"]), {k: v for k, v in row.items() if k != "step"})
+    with tempfile.TemporaryDirectory() as d:
+        export(prefix, codecs, Path(d) / "bundle")
+        client.log_artifacts(run_id, str(Path(d) / "bundle"), "bundle")
+        curves = logger.history(["loss/video", "loss/audio"])
+        loss_curve(curves, Path(d) / "loss.png", "teacher loss (pipeline.single)")
+        client.log_artifact(run_id, str(Path(d) / "loss.png"), "plots")
+    info = {k: str(record[k]) for k in ("trained_by", "device", "steps", "wall_s", "init")}
+    tracking.set_tags(
+        client,
+        run_id,
+        {f"omniforcing.single.{k}": v for k, v in info.items()}
+        | {tracking.EXPORT_TAG: "bundle", tracking.STATUS_TAG: "finished"},
+    )
+    return run_id
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -267,6 +301,10 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--weights", type=Path, required=True, help="<out>/teacher of `train`")
     e.add_argument("--codecs", default=SHIPPED)
     e.add_argument("--out", type=Path, required=True)
+    g = sub.add_parser("log", help="record a `train` output as a finished MLflow teacher run")
+    g.add_argument("--weights", type=Path, required=True, help="<out>/teacher of `train`")
+    g.add_argument("--codecs", default=SHIPPED)
+    g.add_argument("--tracking-uri", default=None, help="else the config's / $MLFLOW_TRACKING_URI")
     a = ap.parse_args(argv)
     if a.cmd == "render":
         render(a.clips, a.seed, a.codecs, a.out)
@@ -275,8 +313,10 @@ def main(argv: list[str] | None = None) -> None:
         if a.threads:  # several runs on one box: oversubscribed OpenMP threads spin-wait
             torch.set_num_threads(a.threads)
         train(cfg, a.latents, a.minutes, a.out, a.device, a.init)
-    else:
+    elif a.cmd == "export":
         print(export(a.weights, a.codecs, a.out))
+    else:
+        print(log_run(a.weights, a.codecs, a.tracking_uri))
 
 
 if __name__ == "__main__":

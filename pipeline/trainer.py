@@ -185,6 +185,11 @@ def _open_run(
         raise ValueError(
             f"--resume {resume}: run {run_id} is stage {run_stage_name!r}, not {stage!r}"
         )
+    if "omniforcing.single.trained_by" in run.data.tags:
+        raise ValueError(
+            f"--resume {resume}: run {run_id} was recorded by `pipeline.single log` and has no "
+            "checkpoint to resume; start a new run (or --init from its bundle with pipeline.single)"
+        )
     diff = resume_diff(tracking.load_run_config(client, run_id), cfg)
     if diff:
         raise ValueError(

@@ -15,11 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from model.bundle import Bundle
-from pipeline import single
+from pipeline import single, tracking
 from pipeline.config import load_config
+from pipeline.registry import load_bundle
+from pipeline.trainer import _open_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +38,8 @@ import json, os, sys, torch
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1",
                   LOCAL_RANK="0")
 from pipeline.config import load_config
+from pipeline.registry import load_bundle
+from pipeline.trainer import _open_run
 from pipeline.parallelize import make_engine
 from pipeline.parallelize import TorchEngine
 
@@ -108,9 +113,10 @@ def test_batch_larger_than_the_data_is_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_render_train_export(tmp_path: Path) -> None:
+def test_render_train_export_log(tmp_path: Path, mlflow_uri: str) -> None:
     """World clips → latents → three steps from the shipped teacher → a Bundle that loads, with
-    the run's record; starting from the shipped weights, the first loss is already low."""
+    the run's record; starting from the shipped weights, the first loss is already low. `log`
+    then makes it a finished MLflow teacher run whose `bundle` artifact loads by run URI."""
     lat = tmp_path / "latents"
     single.render(6, seed=3, codecs=single.SHIPPED, out=lat)
     assert json.loads((lat / "captions.json").read_text())[0].startswith("a ")
@@ -132,3 +138,16 @@ def test_render_train_export(tmp_path: Path) -> None:
     assert all(torch.equal(exported[k], ema[k]) for k in exported)
     shipped = load_file(Path(single.SHIPPED) / "model.safetensors")
     assert any(not torch.equal(exported[k], shipped[k]) for k in exported)  # it trained
+
+    run_id = single.log_run(prefix)
+    run = MlflowClient(mlflow_uri).get_run(run_id)
+    assert run.data.tags[tracking.STATUS_TAG] == "finished"
+    assert run.data.tags[tracking.STAGE_TAG] == "teacher"
+    assert run.data.params["data.batch_size"] == "2"
+    hist = MlflowClient(mlflow_uri).get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in hist) == [1, 2, 3]
+    logged = load_bundle(f"runs:/{run_id}/bundle", dst=str(tmp_path / "dl"))
+    for k, v in logged.model.state_dict().items():
+        assert torch.equal(v, exported[k])
+    with pytest.raises(ValueError, match="recorded by `pipeline.single log`"):
+        _open_run(MlflowClient(mlflow_uri), cfg, "teacher", run_id, None)  # nothing to resume
