@@ -58,3 +58,24 @@ def test_demo_end_to_end_at_tiny_scale(tmp_path, ray_local, mlflow_uri):
     assert (tmp_path / "run" / "codecs" / "codec.json").is_file()
     teacher_cfg = next((tmp_path / "run" / "teacher").rglob("config.json"))
     assert json.loads(teacher_cfg.read_text())["model"]["causal"] is False
+
+
+def test_stage_warmup_fits_the_demo_budget():
+    """The demo's short stages get a warm-up of at most a tenth of their steps (configs/demo.yaml
+    has 100, sized for 2000 steps: 40 Self-Forcing steps would never reach the set rate); the
+    schedule then reaches the full rate and starts its decay inside the stage."""
+    from pathlib import Path
+
+    from deploy.demo_steps import stage_config
+    from pipeline.config import load_config, validate
+    from pipeline.parallelize import lr_multiplier
+
+    base = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").to_dict()
+    ode = validate(stage_config(base, "ode", 150))
+    sf = validate(stage_config(base, "self-forcing", 40, ode_run="abc"))
+    assert (ode.train.warmup_steps, sf.train.warmup_steps) == (15, 4)
+    assert sf.distill.student.init_from == "abc" and ode.distill.student.init_from != "abc"
+    assert max(lr_multiplier(s, sf) for s in range(40)) == 1.0
+    assert lr_multiplier(39, sf) < 0.2  # decayed toward the floor by the end
+    long = validate(stage_config(base, "ode", 2000))
+    assert long.train.warmup_steps == base["train"]["warmup_steps"]  # long runs keep the config's
