@@ -148,11 +148,18 @@ class Ema:
         params = dict(net.named_parameters())
         self.shadow = {n: _local(params[n]).detach().float().clone() for n in self.names}
 
+    def decay_at(self, step: int | None) -> float:
+        """The decay of the update after optimizer step `step` (0-based): min(decay,
+        (1 + step) / (10 + step)), the usual warm-up, so a run of a few hundred steps exports
+        what it learned (at 0.999 flat, 40 steps would leave 96 % of the initial weights)."""
+        return self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self, net: nn.Module) -> None:
+    def update(self, net: nn.Module, step: int | None = None) -> None:
         params = dict(net.named_parameters())
+        w = 1 - self.decay_at(step)
         for n in self.names:
-            self.shadow[n].lerp_(_local(params[n]).detach().float(), 1 - self.decay)
+            self.shadow[n].lerp_(_local(params[n]).detach().float(), w)
 
     def state(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

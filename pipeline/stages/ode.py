@@ -134,7 +134,7 @@ class OdeStage:
             sums["loss/video"] += lv.item() / t.grad_accum
             sums["loss/audio"] += la.item() / t.grad_accum
         for ema in self._emas.values():
-            ema.update(self.engine.module)
+            ema.update(self.engine.module, step)
         out = {**sums, "loss": d.ode_weight_video * sums["loss/video"]}
         out["loss"] += d.ode_weight_audio * sums["loss/audio"]
         out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)

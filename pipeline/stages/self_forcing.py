@@ -208,7 +208,7 @@ class SelfForcingStage:
         norms = bool(d.grad_norm_every) and step % d.grad_norm_every == 0
         out = self.generator_update(inp, ctx.generator(step, 0, purpose=2), exit_step, ctx, norms)
         for ema in self._emas.values():
-            ema.update(self.engine.module)
+            ema.update(self.engine.module, step)
         out["loss/critic"] = sum(critic) / len(critic)
         out["loss"] = d.dmd_weight_video * out["loss/dmd_video"]
         out["loss"] += d.dmd_weight_audio * out["loss/dmd_audio"]

@@ -125,7 +125,7 @@ class TeacherStage:
             sums["loss/audio"] += la.item() / t.grad_accum
             sums["bad_samples"] += float((~ok).sum())
         for ema in self._emas.values():
-            ema.update(self.engine.module)
+            ema.update(self.engine.module, step)
         out = {**sums, "loss": sums["loss/video"] + sums["loss/audio"]}
         out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         out["lr"] = float(self.engine.get_lr()[0])
