@@ -80,6 +80,11 @@ class RandomBatches:
     """Batches drawn without replacement, epoch by epoch, from in-memory latents."""
 
     def __init__(self, d: Path, batch_size: int, seed: int) -> None:
+        missing = [f for f in ("video.npy", "audio.npy", "captions.json") if not (d / f).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"latents {d}: no {', '.join(missing)} (make them with `pipeline.single render`)"
+            )
         self.video, self.audio = np.load(d / "video.npy"), np.load(d / "audio.npy")
         self.captions = np.array(json.loads((d / "captions.json").read_text()))
         if batch_size > len(self.captions):
@@ -306,6 +311,13 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--codecs", default=SHIPPED)
     g.add_argument("--tracking-uri", default=None, help="else the config's / $MLFLOW_TRACKING_URI")
     a = ap.parse_args(argv)
+    try:
+        _run(a)
+    except (ValueError, FileNotFoundError) as err:  # config errors name their key path
+        raise SystemExit(f"error: {err}") from None
+
+
+def _run(a: argparse.Namespace) -> None:
     if a.cmd == "render":
         render(a.clips, a.seed, a.codecs, a.out)
     elif a.cmd == "train":

@@ -106,6 +106,21 @@ def test_sharded_weights_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         single.load_weights(tmp_path / "teacher")  # a save interrupted between its files
 
 
+def test_cli_errors_name_the_problem(tmp_path: Path) -> None:
+    """Bad input ends in one line naming it (config key path, missing files), no traceback."""
+    cfg = str(ROOT / "configs" / "demo-teacher.yaml")
+    base = ["train", "--config", cfg, "--latents", str(tmp_path), "--minutes", "1"]
+    cases = [
+        (base + ["--out", str(tmp_path / "o"), "--set", "train.bogus=1"], "train.bogus"),
+        (base + ["--out", str(tmp_path / "o")], "no video.npy, audio.npy, captions.json"),
+        (["export", "--weights", str(tmp_path / "w"), "--out", str(tmp_path / "b")], "no w.0"),
+    ]
+    for argv, needle in cases:
+        with pytest.raises(SystemExit) as err:
+            single.main(argv)
+        assert str(err.value).startswith("error: ") and needle in str(err.value), err.value
+
+
 def test_batch_larger_than_the_data_is_named(tmp_path: Path) -> None:
     single.render(2, seed=0, codecs=single.SHIPPED, out=tmp_path)
     with pytest.raises(ValueError, match="data.batch_size=4 exceeds the 2 clips"):
