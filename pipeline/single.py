@@ -34,10 +34,8 @@ import torch
 
 from pipeline.config import JobConfig, load_config, validate
 from pipeline.parallelize import TorchEngine
+from pipeline.single_record import SHIPPED, export, log_run, save_weights
 from pipeline.stages import WorkerContext
-
-SHIPPED = str(Path(__file__).resolve().parent / "assets" / "demo-teacher")  # codecs' default
-SHARD_BYTES = 15 * 2**20  # files that come back from a lent machine are capped at 16 MiB
 
 
 @functools.lru_cache(maxsize=1)
@@ -108,55 +106,12 @@ def _with_steps(cfg: JobConfig, steps: int) -> JobConfig:
     return validate(raw, source="calibrated horizon")
 
 
-def _save(state: dict[str, torch.Tensor], record: dict[str, Any], prefix: Path) -> list[Path]:
-    """`state` as <prefix>.<k>.safetensors files of ≤ 15 MiB, each with the record, atomically."""
-    from safetensors.torch import save_file
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.contiguous()
-        size += nbytes
-    # Files are replaced one by one: `save` (a per-call token) lets a reader reject a mixed set.
-    meta = {"record": json.dumps(record), "shards": str(len(shards)), "save": str(time.time_ns())}
-    paths = []
-    for k, part in enumerate(shards):
-        path = prefix.with_name(f"{prefix.name}.{k}.safetensors")
-        save_file(part, str(path) + ".tmp", metadata=meta)
-        os.replace(str(path) + ".tmp", path)
-        paths.append(path)
-    return paths
-
-
-def load_weights(prefix: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(full state, record) from the files `_save` wrote at `prefix`."""
-    from safetensors import safe_open
-
-    state: dict[str, torch.Tensor] = {}
-    first = prefix.with_name(f"{prefix.name}.0.safetensors")
-    if not first.is_file():
-        raise FileNotFoundError(f"{prefix}: no {first.name} (not a `pipeline.single train` output)")
-    with safe_open(str(first), "pt") as f:
-        meta = f.metadata()
-    for k in range(int(meta["shards"])):
-        path = prefix.with_name(f"{prefix.name}.{k}.safetensors")
-        with safe_open(str(path), "pt") as f:
-            if f.metadata().get("save") != meta.get("save"):
-                raise ValueError(f"{path}: from another save than {first.name} (interrupted?)")
-            state |= {n: f.get_tensor(n) for n in f.keys()}
-    return state, json.loads(meta["record"])
-
-
 def train(
     cfg: JobConfig, latents: Path, minutes: float, out: Path, device: str, init: str | None = None
 ) -> Path:
     """Train the teacher stage until `minutes` have passed (or `train.steps` are done); the
     cosine horizon is then set from the step rate measured over steps 10–60. `init`: a teacher Bundle to start from (weights and
-    EMA). Returns the weights prefix (see `_save`)."""
+    EMA). Returns the weights prefix (`pipeline.single_record.save_weights`)."""
     from pipeline.stages.teacher import TeacherStage
 
     start = time.time()
@@ -230,59 +185,8 @@ def _checkpoint(
     state = gather_full(stage.engine.module, ema.state() if ema else None)
     wall = time.time() - start
     info = {"config": cfg.to_dict(), "steps": step, "wall_s": round(wall, 1)}
-    _save(state, record | info | {"metrics": history}, prefix)
+    save_weights(state, record | info | {"metrics": history}, prefix)
     print(f"saved step {step} ({wall / 60:.1f} min) at {prefix}", flush=True)
-
-
-def export(prefix: Path, codecs: str, out: Path) -> Path:
-    """A `train` output + the codecs of the Bundle at `codecs` → a model Bundle at `out`."""
-    from model import AVDiT
-    from model.bundle import Bundle
-    from pipeline.stages.teacher import TeacherNet, build_text_encoder
-
-    state, record = load_weights(prefix)
-    cfg = validate(record["config"], source=f"{prefix} record")
-    mcfg = cfg.build_model_config(causal=False)
-    net = TeacherNet(AVDiT(mcfg), build_text_encoder(cfg, mcfg.text_dim))
-    net.load_state_dict(state)
-    src = Bundle.from_pretrained(codecs)
-    extra = {"stage": "teacher", "step": record["steps"], "source": str(prefix)}
-    extra["trained_on"] = record["device"]
-    bundle = Bundle(net.dit.eval(), src.video_codec, src.audio_codec, net.text.eval())
-    return bundle.save_pretrained(out, extra)
-
-
-def log_run(prefix: Path, codecs: str = SHIPPED, tracking_uri: str | None = None) -> str:
-    """Record a `train` output as a finished MLflow teacher run, as `omniforcing train teacher`
-    would have: config params, the metric history, loss curves and the exported `bundle` artifact
-    (so `distill.teacher: <run id>` and `runs:/<id>/bundle` work). Returns the run id."""
-    import tempfile
-
-    from pipeline import tracking
-    from pipeline.plots import loss_curve
-
-    _, record = load_weights(prefix)
-    cfg = validate(record["config"], source=f"{prefix} record")
-    uri = tracking_uri or tracking.tracking_uri(cfg)
-    client = tracking.client_for(uri)
-    run_id = tracking.start_stage_run(client, cfg, "teacher", f"single-{prefix.parent.name}")
-    logger = tracking.MetricLogger(uri, run_id)
-    for row in record["metrics"]:
-        logger.log(int(row["step"]), {k: v for k, v in row.items() if k != "step"})
-    with tempfile.TemporaryDirectory() as d:
-        export(prefix, codecs, Path(d) / "bundle")
-        client.log_artifacts(run_id, str(Path(d) / "bundle"), "bundle")
-        curves = logger.history(["loss/video", "loss/audio"])
-        loss_curve(curves, Path(d) / "loss.png", "teacher loss (pipeline.single)")
-        client.log_artifact(run_id, str(Path(d) / "loss.png"), "plots")
-    info = {k: str(record[k]) for k in ("trained_by", "device", "steps", "wall_s", "init")}
-    tracking.set_tags(
-        client,
-        run_id,
-        {f"omniforcing.single.{k}": v for k, v in info.items()}
-        | {tracking.EXPORT_TAG: "bundle", tracking.STATUS_TAG: "finished"},
-    )
-    return run_id
 
 
 def main(argv: list[str] | None = None) -> None:

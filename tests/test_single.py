@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from model.bundle import Bundle
-from pipeline import single, tracking
+from pipeline import single, single_record, tracking
 from pipeline.config import load_config
 from pipeline.registry import load_bundle
 from pipeline.trainer import _open_run
@@ -89,21 +89,21 @@ def test_torch_engine_steps_like_deepspeed() -> None:
 
 def test_sharded_weights_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     state = {f"w{i}": torch.randn(64, 64) for i in range(5)}  # 16 KiB each
-    monkeypatch.setattr(single, "SHARD_BYTES", 40_000)  # two tensors per file
-    paths = single._save(state, {"steps": 7}, tmp_path / "teacher")
+    monkeypatch.setattr(single_record, "SHARD_BYTES", 40_000)  # two tensors per file
+    paths = single_record.save_weights(state, {"steps": 7}, tmp_path / "teacher")
     assert [p.name for p in paths] == [f"teacher.{k}.safetensors" for k in range(3)]
-    loaded, record = single.load_weights(tmp_path / "teacher")
+    loaded, record = single_record.load_weights(tmp_path / "teacher")
     assert record == {"steps": 7}
     assert set(loaded) == set(state)
     assert all(torch.equal(loaded[k], state[k]) for k in state)
     with pytest.raises(FileNotFoundError, match="not a `pipeline.single train` output"):
-        single.load_weights(tmp_path / "other")
+        single_record.load_weights(tmp_path / "other")
     later = tmp_path / "later"
     later.mkdir()
-    single._save(state, {"steps": 8}, later / "teacher")
+    single_record.save_weights(state, {"steps": 8}, later / "teacher")
     (later / "teacher.1.safetensors").replace(tmp_path / "teacher.1.safetensors")
     with pytest.raises(ValueError, match="teacher.1.safetensors: from another save"):
-        single.load_weights(tmp_path / "teacher")  # a save interrupted between its files
+        single_record.load_weights(tmp_path / "teacher")  # a save interrupted between its files
 
 
 def test_cli_errors_name_the_problem(tmp_path: Path) -> None:
@@ -140,13 +140,15 @@ def test_render_train_export_log(tmp_path: Path, mlflow_uri: str) -> None:
         ["data.batch_size=2", "train.steps=3", "train.reliance_every=2", "train.log_every=1"],
     )
     prefix = single.train(cfg, lat, 5.0, tmp_path / "run", "cpu", init=single.SHIPPED)
-    state, record = single.load_weights(prefix)
+    state, record = single_record.load_weights(prefix)
     assert record["steps"] == 3 and record["init"] == single.SHIPPED
     assert [m["step"] for m in record["metrics"]] == [1, 2, 3]
     assert record["metrics"][0]["loss"] < 1.0  # a fresh net starts near 4 (see the GPU logs)
     assert "reliance/audio_on_video" in record["metrics"][2]  # train_step(2): 2 % 2 == 0
 
-    bundle = Bundle.from_pretrained(single.export(prefix, single.SHIPPED, tmp_path / "bundle"))
+    bundle = Bundle.from_pretrained(
+        single_record.export(prefix, single.SHIPPED, tmp_path / "bundle")
+    )
     assert bundle.config.layers == cfg.build_model_config(causal=False).layers
     ema = {k[len("dit.") :]: v for k, v in state.items() if k.startswith("dit.")}
     exported = load_file(tmp_path / "bundle" / "model.safetensors")
@@ -154,7 +156,7 @@ def test_render_train_export_log(tmp_path: Path, mlflow_uri: str) -> None:
     shipped = load_file(Path(single.SHIPPED) / "model.safetensors")
     assert any(not torch.equal(exported[k], shipped[k]) for k in exported)  # it trained
 
-    run_id = single.log_run(prefix)
+    run_id = single_record.log_run(prefix)
     run = MlflowClient(mlflow_uri).get_run(run_id)
     assert run.data.tags[tracking.STATUS_TAG] == "finished"
     assert run.data.tags[tracking.STAGE_TAG] == "teacher"
