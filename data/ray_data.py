@@ -133,7 +133,9 @@ def _decode_row(row: dict[str, Any], spec: DecodeSpec, counter: Any) -> list[dic
              "meta": json.dumps(s.meta, sort_keys=True), "shard": s.shard}]  # fmt: skip
 
 
-def _configure_context(wait_for_min_actors_s: float) -> None:
+def configure_context(wait_for_min_actors_s: float) -> None:
+    """Ray Data's process-wide context: how long an actor pool may take to start (the last
+    caller's value holds for every later dataset of this process), no progress bars."""
     ctx = ray.data.DataContext.get_current()
     # The default (-1) waits forever for an actor pool that cannot be scheduled; fail instead.
     ctx.wait_for_min_actors_s = wait_for_min_actors_s
@@ -223,7 +225,7 @@ def latent_dataset(
     """
     if batch_size < 1 or actors < 1:
         raise ValueError(f"batch_size and actors must be >= 1, got {batch_size}, {actors}")
-    _configure_context(wait_for_min_actors_s)
+    configure_context(wait_for_min_actors_s)
     samples = build_dataset(path, spec=spec, counter=counter, decode_cpus=decode_cpus)
     return samples.map_batches(
         CodecEncoder,

@@ -162,6 +162,10 @@ def score_dataset(ds: Any, cfg: Any) -> Any:
     """`ds` rows {key, caption, video, audio} → the same rows plus the teacher's trajectories."""
     from ray.data import ActorPoolStrategy
 
+    from data.ray_data import configure_context
+
+    # The wait is process-wide state: set it here, or an earlier dataset's value applies.
+    configure_context(cfg.data.actor_start_timeout_s)
     d = cfg.distill
     return ds.map_batches(
         TeacherScorer,
