@@ -110,8 +110,9 @@ def train(
     cfg: JobConfig, latents: Path, minutes: float, out: Path, device: str, init: str | None = None
 ) -> Path:
     """Train the teacher stage until `minutes` have passed (or `train.steps` are done); the
-    cosine horizon is then set from the step rate measured over steps 10–60. `init`: a teacher Bundle to start from (weights and
-    EMA). Returns the weights prefix (`pipeline.single_record.save_weights`)."""
+    cosine horizon is then set from the step rate measured over steps 10–60. `init`: a teacher
+    Bundle to start from (weights and EMA). Returns the weights prefix
+    (`pipeline.single_record.save_weights`)."""
     from pipeline.stages.teacher import TeacherStage
 
     start = time.time()

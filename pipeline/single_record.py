@@ -71,20 +71,16 @@ def load_weights(prefix: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 def export(prefix: Path, codecs: str, out: Path) -> Path:
     """A `train` output + the codecs of the Bundle at `codecs` → a model Bundle at `out`."""
-    from model import AVDiT
     from model.bundle import Bundle
-    from pipeline.stages.teacher import TeacherNet, build_text_encoder
+    from pipeline.stages.teacher import write_bundle
 
     state, record = load_weights(prefix)
     cfg = validate(record["config"], source=f"{prefix} record")
-    mcfg = cfg.build_model_config(causal=False)
-    net = TeacherNet(AVDiT(mcfg), build_text_encoder(cfg, mcfg.text_dim))
-    net.load_state_dict(state)
     src = Bundle.from_pretrained(codecs)
     extra = {"stage": "teacher", "step": record["steps"], "source": str(prefix)}
     extra["trained_on"] = record["device"]
-    bundle = Bundle(net.dit.eval(), src.video_codec, src.audio_codec, net.text.eval())
-    return bundle.save_pretrained(out, extra)
+    mcfg = cfg.build_model_config(causal=False)
+    return write_bundle(cfg, mcfg, state, out, extra, (src.video_codec, src.audio_codec))
 
 
 def log_run(prefix: Path, codecs: str = SHIPPED, tracking_uri: str | None = None) -> str:

@@ -206,13 +206,16 @@ class TeacherStage:
             write_bundle(ctx.cfg, self.mcfg, full, out_dir, {"stage": self.name})
 
 
-def write_bundle(cfg: Any, mcfg: Any, state: dict, out_dir: str | Path, extra: dict) -> Path:
-    """TeacherNet weights (a full state dict) + the run's codecs → a model.Bundle at `out_dir`."""
+def write_bundle(
+    cfg: Any, mcfg: Any, state: dict, out_dir: str | Path, extra: dict, codecs: tuple | None = None
+) -> Path:
+    """TeacherNet weights (a full state dict) + the run's codecs (or `codecs`, a (video, audio)
+    pair) → a model.Bundle at `out_dir`."""
     from model.bundle import Bundle
 
     net = TeacherNet(AVDiT(mcfg), build_text_encoder(cfg, mcfg.text_dim))
     net.load_state_dict(state)  # strict: every weight of the net must come from `state`
-    vcodec, acodec = load_codecs(cfg, mcfg)
+    vcodec, acodec = codecs or load_codecs(cfg, mcfg)
     return Bundle(net.dit.eval(), vcodec, acodec, net.text.eval()).save_pretrained(out_dir, extra)
 
 
