@@ -26,7 +26,10 @@ SUITES = ("size", "streaming", "data", "train", "serve")
 # figures are real measurements but too small to quote.
 SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "size": ({}, {}),
-    "streaming": ({"blocks": 52, "cache_block": 20}, {"blocks": 12, "cache_block": 8}),
+    "streaming": (
+        {"blocks": 52, "cache_block": 20, "graphs": True},
+        {"blocks": 12, "cache_block": 8, "graphs": True},
+    ),
     "data": ({}, {"clips": 2, "seconds": 1.04, "shard_size": 2, "repeats": 1}),
     "train": ({}, {"steps": 3}),
     "serve": ({}, {"seconds": 1, "streams": (1, 2), "repeats": 1}),

@@ -6,7 +6,10 @@ Every figure that matters is a ratio of two timings measured side by side in thi
   - student (streaming, K steps + commit) vs teacher (40-step Euler, CFG) time to a finished 5 s
     clip, next to the FLOP ratio 40·P/(K+1) (P = 2 passes per teacher step with CFG);
   - on CUDA (ltx2 preset, random bf16 weights): FPS after the first chunk, time to first chunk,
-    peak memory, MFU.
+    peak memory, MFU;
+  - with --graphs: the same block, clip and first-chunk figures through `GraphedStream` (CUDA
+    graphs on a GPU, its static buffers eagerly on a CPU) beside the eager ones, with the largest
+    difference of their latents on one seed.
 `run(...)` returns the figures (used by `omniforcing bench`); `main()` prints them.
 Usage: python benchmarks/streaming.py --preset tiny demo [--device cuda --preset ltx2] [--json out]
 """
@@ -27,6 +30,7 @@ import torch
 
 from benchmarks.flops import K_STEPS, mfu, peak_flops
 from model import AVDiT, BlockLayout, flow, preset
+from model.graphs import GraphedStream
 from model.sampling import guided_velocity
 from model.streaming import rollout_blocks
 
@@ -54,17 +58,27 @@ def _model(name: str, device: torch.device, dtype: torch.dtype, causal: bool = T
 
 
 def _text(model: AVDiT, device, dtype):
-    return torch.randn(1, 8, model.cfg.text_dim, device=device, dtype=dtype), None
+    g = torch.Generator().manual_seed(0)  # the same prompt in every stream of the run
+    emb = torch.randn(1, 8, model.cfg.text_dim, generator=g)
+    return emb.to(device=device, dtype=dtype), None
+
+
+def _stream(model, seconds, windows, device, dtype, graphed: GraphedStream | None = None, seed=0):
+    """rollout_blocks over one clip, eager or through `graphed` (same text, same seed)."""
+    emb, mask = _text(model, device, dtype)
+    if graphed is None:
+        view, cache = model, model.new_cache(emb, mask, seconds, windows)
+    else:
+        view, cache = graphed, graphed.reset(emb, mask)
+    gen = torch.Generator().manual_seed(seed)
+    return rollout_blocks(view, cache, seconds, flow.DEFAULT_STUDENT_SIGMAS, gen)
 
 
 @torch.no_grad()
-def block_times(model, seconds, windows, device, dtype) -> list[float]:
+def block_times(model, seconds, windows, device, dtype, graphed=None) -> list[float]:
     """Wall time of every block of a streamed clip (denoise K steps + commit), in seconds."""
-    emb, mask = _text(model, device, dtype)
-    cache = model.new_cache(emb, mask, seconds, windows)
-    gen = torch.Generator().manual_seed(0)
     times, t = [], time.perf_counter()
-    for _ in rollout_blocks(model, cache, seconds, flow.DEFAULT_STUDENT_SIGMAS, gen):
+    for _ in _stream(model, seconds, windows, device, dtype, graphed):
         _sync(device)
         now = time.perf_counter()
         times.append(now - t)
@@ -116,11 +130,11 @@ def teacher_clip_time(name, seconds, device, dtype, steps=TEACHER_STEPS) -> floa
     return time.perf_counter() - t
 
 
-def _flat_cost(model: AVDiT, blocks: int, window: int, device, dtype) -> dict:
+def _flat_cost(model: AVDiT, blocks: int, window: int, device, dtype, graphed=None) -> dict:
     """Per-block latency at block 5 vs block `blocks - 2` of one clip with a rolling window."""
     if blocks < 12:  # block 5's median window (blocks 3..7) must not overlap the late one
         raise ValueError(f"--blocks must be ≥ 12, got {blocks}")
-    times = block_times(model, blocks, (window, window), device, dtype)
+    times = block_times(model, blocks, (window, window), device, dtype, graphed)
     early, late = statistics.median(times[3:8]), statistics.median(times[-5:])
     return {
         "early_block": 5,
@@ -143,12 +157,13 @@ def _cache_vs_recompute(model: AVDiT, block: int, device, dtype) -> dict:
     }
 
 
-def _student_clip(model: AVDiT, device, dtype) -> dict:
-    """A finished 5 s clip streamed block by block; peak memory is this stream's alone."""
+def _student_clip(model: AVDiT, window: int, device, dtype, graphed=None) -> dict:
+    """A finished 5 s clip streamed block by block; peak memory is this stream's alone. (A 5 s
+    clip is the same with a window of ≥ 5 blocks as with none: the first eviction comes later.)"""
     cfg = model.cfg
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    clip = block_times(model, 5, (None, None), device, dtype)
+    clip = block_times(model, 5, (window, window), device, dtype, graphed)
     out = {
         "student_5s_s": sum(clip),
         "time_to_first_chunk_s": clip[0] + clip[1],  # prefix + first second
@@ -180,6 +195,30 @@ def profile_block(model: AVDiT, window: int, device, dtype, rows: int = 20) -> s
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+@torch.no_grad()
+def _graphs_section(model: AVDiT, blocks: int, window: int, device, dtype) -> dict:
+    """The block, clip and first-chunk figures through `GraphedStream`, and how far its latents
+    are from the eager path's on one seed (bf16 on a GPU: rounding, not zero)."""
+    graphed = GraphedStream(model, (window, window), text_len=8)
+    t = time.perf_counter()
+    warm = [
+        (v.clone(), a.clone())
+        for _, v, a in _stream(model, window + 2, None, device, dtype, graphed)
+    ]
+    out: dict = {"capture_s": time.perf_counter() - t, "graphs": graphed.graph_count}
+    eager = list(_stream(model, window + 2, (window, window), device, dtype))
+    out["max_abs_diff_vs_eager"] = max(
+        max((x - y).abs().max().item() for x, y in zip(w, e[1:], strict=True))
+        for w, e in zip(warm, eager, strict=True)
+    )
+    out["block_latency_s"] = flat = _flat_cost(model, blocks, window, device, dtype, graphed)
+    out.update(_student_clip(model, window, device, dtype, graphed))
+    if device.type == "cuda":
+        out["mfu"] = mfu(model, flat["late_s"], window, peak_flops(device, dtype))
+    out["replays"] = graphed.replays
+    return out
+
+
 def _figures(out: dict) -> dict:
     return {k: v for k, v in out.items() if k != "profile"}  # the operator table prints apart
 
@@ -197,6 +236,7 @@ def run_preset(
     window: int,
     cache_block: int = 20,
     profile: bool = False,
+    graphs: bool = False,
 ) -> dict:
     model = _model(name, device, dtype)
     cfg = model.cfg
@@ -213,13 +253,18 @@ def run_preset(
     tokens_per_block = cfg.video_block_latents * cfg.video_tokens_per_frame
     tokens_per_block += cfg.audio_block_latents
     out["tokens_per_s"] = tokens_per_block * (K_STEPS + 1) / flat["late_s"]
-    out.update(_student_clip(model, device, dtype))
+    out.update(_student_clip(model, window, device, dtype))
     if device.type == "cuda":
         out["peak_flops"] = peak_flops(device, dtype)
         out["mfu"] = mfu(model, flat["late_s"], window, out["peak_flops"])
     if profile:
         out["profile"] = profile_block(model, window, device, dtype)
     _note(out)
+    if graphs:
+        out["graphed"] = g = _graphs_section(model, long_blocks, window, device, dtype)
+        g["fps_graphed_over_eager"] = g["fps_after_first_chunk"] / out["fps_after_first_chunk"]
+        g["ttfc_eager_over_graphed"] = out["time_to_first_chunk_s"] / g["time_to_first_chunk_s"]
+        _note(out)
     del model  # an ltx2 student and teacher do not fit on one GPU together
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -229,6 +274,12 @@ def run_preset(
     out["speedup_share_of_flop_ratio"] = (
         out["speedup_teacher_over_student"] / out["flop_ratio_40P_over_K1"]
     )
+    if graphs:
+        g = out["graphed"]
+        g["speedup_teacher_over_student"] = out["teacher_5s_s"] / g["student_5s_s"]
+        g["speedup_share_of_flop_ratio"] = (
+            g["speedup_teacher_over_student"] / out["flop_ratio_40P_over_K1"]
+        )
     return out
 
 
@@ -239,11 +290,14 @@ def run(
     window: int = 5,
     cache_block: int = 20,
     profile: bool = False,
+    graphs: bool = False,
 ) -> dict:
     """All figures for each preset, measured in this one process (bf16 on CUDA, else fp32)."""
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    runs = [run_preset(n, dev, dtype, blocks, window, cache_block, profile) for n in presets]
+    runs = [
+        run_preset(n, dev, dtype, blocks, window, cache_block, profile, graphs) for n in presets
+    ]
     return {"blocks": blocks, "window": window, "runs": runs}
 
 
@@ -257,6 +311,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=5, help="rolling window (blocks) per modality")
     ap.add_argument("--cache-block", type=int, default=20, help="block for cache vs recompute")
     ap.add_argument("--profile", action="store_true", help="operator table of one late block")
+    ap.add_argument("--graphs", action="store_true", help="also stream through GraphedStream")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     results = {"machine": machine()}
@@ -267,6 +322,7 @@ def main() -> None:
         args.window,
         args.cache_block,
         args.profile,
+        args.graphs,
     )
     results.update(figures)
     for r in results["runs"]:

@@ -86,6 +86,37 @@ def _streaming_rows(late: int, cache_block: int) -> list[Row]:
     ]
 
 
+def _graphed_rows(late: int) -> list[Row]:
+    g = "`GraphedStream` (CUDA graphs on a GPU, else its static buffers eagerly)"
+    return [
+        (
+            f"{g}: block 5 / block {late}",
+            lambda r: (
+                f"{_ms(r['graphed']['block_latency_s']['early_s'])} / "
+                f"{_ms(r['graphed']['block_latency_s']['late_s'])}"
+            ),
+        ),
+        (
+            f"{g}: time to first chunk, fps after it",
+            lambda r: (
+                f"{_ms(r['graphed']['time_to_first_chunk_s'])}, "
+                f"{r['graphed']['fps_after_first_chunk']:.1f}"
+            ),
+        ),
+        (
+            f"{g}: fps vs eager, speed-up share of the FLOP ratio",
+            lambda r: (
+                f"{r['graphed']['fps_graphed_over_eager']:.2f}×, "
+                f"{r['graphed']['speedup_share_of_flop_ratio']:.0%}"
+            ),
+        ),
+        (
+            f"{g}: largest latent difference from eager (same seed)",
+            lambda r: f"{r['graphed']['max_abs_diff_vs_eager']:.2g}",
+        ),
+    ]
+
+
 def _cuda_rows(late: int) -> list[Row]:
     return [
         ("peak GPU memory streaming a 5 s clip", lambda r: f"{r['peak_memory_gib']:.2f} GiB"),
@@ -102,6 +133,8 @@ def streaming_table(fig: dict[str, Any]) -> str:
     rows = _streaming_rows(late, runs[0]["cache_block"])
     if any("mfu" in r for r in runs):
         rows += _cuda_rows(late)
+    if any("graphed" in r for r in runs):
+        rows += _graphed_rows(late)
     body = [[label, *(get(r) if _has(get, r) else "–" for r in runs)] for label, get in rows]
     r0 = runs[0]
     title = (

@@ -201,6 +201,19 @@ class AVDiT(nn.Module):
 
         video [B, n_v, h, w, C], audio [B, n_a, C] with n = 1 for block 0, else 3 / 25.
         """
+        rope, sinks = self.block_setup(video, audio, block, cache)
+        cache.begin(rope, commit)
+        out = self._run(video, audio, sigma_v, sigma_a, sinks, cache)
+        if commit:
+            cache.advance()
+        return out
+
+    def block_setup(
+        self, video: torch.Tensor, audio: torch.Tensor, block: int, cache: KVCache
+    ) -> tuple[RopeTables, bool]:
+        """Check a block call against the cache → (its RoPE tables, whether sinks lead its audio).
+
+        The tables are made once per block (the K + 1 calls of a block share them)."""
         cfg = self.cfg
         if block != cache.blocks_committed:
             raise ValueError(
@@ -215,14 +228,12 @@ class AVDiT(nn.Module):
                 f"got {video.shape[1]} and {audio.shape[1]}"
             )
         sinks = cfg.sinks if block == 0 else 0
-        rope = RopeTables(
-            cfg, torch.arange(v0, v1), torch.arange(a0, a1), sinks, video.device, video.dtype
-        )
-        cache.begin(rope, commit)
-        out = self._run(video, audio, sigma_v, sigma_a, sinks > 0, cache)
-        if commit:
-            cache.advance()
-        return out
+
+        def tables() -> RopeTables:
+            v, a = torch.arange(v0, v1), torch.arange(a0, a1)
+            return RopeTables(cfg, v, a, sinks, video.device, video.dtype)
+
+        return cache.block_rope(block, tables), sinks > 0
 
     # ---- reporting --------------------------------------------------------------------------
     def param_counts(self) -> dict[str, int]:

@@ -110,9 +110,44 @@ class KVCache:
         ]
         self._text_in = {"v": text_v, "a": text_a}
         self._text_kv: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text_fn: dict[tuple[int, str], object] = {}  # how each entry was made (for reset)
         self.text_mask = _mask4(text_mask)
         self.commit = False  # set by the model for the σ = 0 call
         self._rope: RopeTables | None = None
+        self._block_rope: tuple[int, RopeTables] | None = None
+
+    def reset(
+        self, text_v: torch.Tensor, text_a: torch.Tensor, text_mask: torch.Tensor | None
+    ) -> None:
+        """Empty the cache for a new stream with the same shapes, in place: every buffer keeps its
+        address (CUDA graphs captured on this cache stay valid). Text K/V are recomputed into
+        their buffers; entries past `filled` are never read, so the old keys need no clearing."""
+        if (text_mask is None) != (self.text_mask is None):
+            raise ValueError(
+                "reset: a text mask is needed exactly when the cache was built with one"
+            )
+        if text_v.shape != self._text_in["v"].shape or text_a.shape != self._text_in["a"].shape:
+            raise ValueError(
+                f"reset: text {tuple(text_v.shape)} / {tuple(text_a.shape)} differs from the "
+                f"cache's {tuple(self._text_in['v'].shape)} / {tuple(self._text_in['a'].shape)}"
+            )
+        self._text_in = {"v": text_v, "a": text_a}
+        with torch.no_grad():
+            for key, (k, v) in self._text_kv.items():
+                nk, nv = self._text_fn[key](self._text_in[key[1]])
+                k.copy_(nk)
+                v.copy_(nv)
+            if text_mask is not None:
+                self.text_mask.copy_(_mask4(text_mask))
+        self.filled = {"v": 0, "a": 0}
+        self.blocks_committed = 0
+        self.commit, self._rope, self._block_rope = False, None, None
+
+    def block_rope(self, block: int, make) -> RopeTables:
+        """The RoPE tables of `block`, made by `make()` once and shared by its K + 1 calls."""
+        if self._block_rope is None or self._block_rope[0] != block:
+            self._block_rope = (block, make())
+        return self._block_rope[1]
 
     # ---- used by the layers -------------------------------------------------------------------
     def begin(self, rope: RopeTables, commit: bool) -> None:
@@ -126,6 +161,7 @@ class KVCache:
         if key not in self._text_kv:
             with torch.no_grad():
                 self._text_kv[key] = compute(self._text_in[stream])
+            self._text_fn[key] = compute
         return self._text_kv[key]
 
     def keys(self, layer: int, kind: str, k: torch.Tensor, v: torch.Tensor):

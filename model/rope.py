@@ -90,6 +90,8 @@ class RopeTables:
     """cos/sin tables of one forward, per attention kind, in `pair_tables` form [L, D]. Sinks (if
     any) come first in audio."""
 
+    NAMES = ("video_self", "audio_self", "video_cross", "audio_cross")
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -120,6 +122,19 @@ class RopeTables:
         self.video_cross = pair_tables(*self.video_cross)
         self.audio_cross = pair_tables(*audio_cross)
         if device is not None or dtype is not None:
-            for name in ("video_self", "audio_self", "video_cross", "audio_cross"):
+            for name in self.NAMES:
                 tables = getattr(self, name)
                 setattr(self, name, tuple(t.to(device=device, dtype=dtype) for t in tables))
+
+    def clone(self) -> RopeTables:
+        """A copy with tables of its own (static buffers for CUDA graphs)."""
+        out = RopeTables.__new__(RopeTables)
+        for name in self.NAMES:
+            setattr(out, name, tuple(t.clone() for t in getattr(self, name)))
+        return out
+
+    def copy_(self, other: RopeTables) -> None:
+        """Load `other`'s tables into this object's tensors, in place (same shapes)."""
+        for name in self.NAMES:
+            for dst, src in zip(getattr(self, name), getattr(other, name), strict=True):
+                dst.copy_(src)

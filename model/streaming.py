@@ -9,6 +9,7 @@ flat in the clip length once the rolling window is full.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 
 from . import flow
 from .dit import AVDiT
+from .graphs import GraphedStream
 from .kv_cache import KVCache
 from .layout import BlockLayout
 
@@ -87,7 +89,9 @@ class StreamingGenerator:
     """Text → a stream of decoded one-second chunks (frames + PCM) from a causal student bundle.
 
     `window_s`: rolling KV window in seconds, one for both modalities or (video, audio); None
-    keeps every block (memory and per-block cost then grow with the clip)."""
+    keeps every block (memory and per-block cost then grow with the clip). `graphs`: stream
+    through one reusable `GraphedStream` (CUDA graphs on a GPU, its static buffers eagerly
+    elsewhere) when it is free; a second concurrent stream of this generator runs eagerly."""
 
     def __init__(
         self,
@@ -95,6 +99,7 @@ class StreamingGenerator:
         sigmas: Sequence[float] | None = None,
         window_s: tuple[int | None, int | None] | int | None = DEFAULT_WINDOW_S,
         device: str | torch.device | None = None,
+        graphs: bool = False,
     ) -> None:
         self.bundle = bundle
         self.model: AVDiT = bundle.model
@@ -107,6 +112,11 @@ class StreamingGenerator:
         if device is not None:
             bundle.to(device)
         self.device = next(self.model.parameters()).device
+        if graphs and None in self.windows:
+            raise ValueError(f"graphs=True needs a rolling window per modality, got {window_s}")
+        self.graphs = graphs
+        self._graphed: GraphedStream | None = None
+        self._graphed_free = threading.Lock()
 
     def new_cache(self, prompt: str, seconds: int) -> KVCache:
         emb, mask = self.bundle.text_encoder([prompt])
@@ -117,13 +127,28 @@ class StreamingGenerator:
         """Yield chunk 0 (prefix) and one chunk per second; same seed → same chunks."""
         if not isinstance(seconds, int) or seconds < 1:
             raise ValueError(f"seconds must be a positive whole number of blocks, got {seconds!r}")
-        cfg = self.model.cfg
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(int(seed))
-        cache = self.new_cache(prompt, seconds)
+        graphed = self.graphs and self._graphed_free.acquire(blocking=False)
+        try:
+            yield from self._chunks(prompt, seconds, gen, start, graphed)
+        finally:
+            if graphed:
+                self._graphed_free.release()
+
+    def _chunks(self, prompt: str, seconds: int, gen, start: float, graphed: bool):
+        cfg = self.model.cfg
+        if graphed:
+            if self._graphed is None:
+                max_len = self.bundle.text_encoder.max_len
+                self._graphed = GraphedStream(self.model, self.windows, max_len)
+            view = self._graphed
+            cache = view.reset(*self.bundle.text_encoder([prompt]))
+        else:
+            view, cache = self.model, self.new_cache(prompt, seconds)
         layout = BlockLayout(seconds, cfg.video_block_latents, cfg.audio_block_latents)
         t_prev = start
-        for k, x0v, x0a in rollout_blocks(self.model, cache, seconds, self.sigmas, gen):
+        for k, x0v, x0a in rollout_blocks(view, cache, seconds, self.sigmas, gen):
             v0, _ = layout.video_range(k)
             a0, _ = layout.audio_range(k)
             frames = self.bundle.video_codec.decode(x0v[0].float().cpu(), start=v0)

@@ -74,6 +74,11 @@ def test_bench_writes_its_region_and_keeps_hand_written_text(tmp_path):
     _row(first, "time to first chunk (prefix + first second)", f"{NUM} ms")
     _row(first, "real-time factor (5 s / student time)", f"{NUM}×")
     _row(first, "generated fps after the first chunk", NUM)
+    g = "`GraphedStream` (CUDA graphs on a GPU, else its static buffers eagerly)"
+    _row(first, f"{g}: time to first chunk, fps after it", f"{NUM} ms, {NUM}")
+    # fp32 on the CPU: the static buffers give the eager path's latents (to rounding).
+    diff = re.search(rf"^\| {re.escape(g)}: largest latent difference .* \| (\S+) \|$", first, re.M)
+    assert diff and float(diff.group(1)) < 1e-4
 
     # A rerun replaces the region (now the size table alone) instead of appending a second one.
     second = _bench(tmp_path, "size")
