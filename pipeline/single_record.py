@@ -110,7 +110,7 @@ def log_run(prefix: Path, codecs: str = SHIPPED, tracking_uri: str | None = None
     tracking.set_tags(
         client,
         run_id,
-        {f"omniforcing.single.{k}": v for k, v in info.items()}
+        {tracking.SINGLE_TAG_PREFIX + k: v for k, v in info.items()}
         | {tracking.EXPORT_TAG: "bundle", tracking.STATUS_TAG: "finished"},
     )
     return run_id

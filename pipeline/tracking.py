@@ -29,6 +29,7 @@ CKPT_STEP_TAG = "omniforcing.checkpoint_step"
 FINGERPRINT_TAG = "omniforcing.fingerprint"
 STATUS_TAG = "omniforcing.status"  # running | finished
 EXPORT_TAG = "omniforcing.export"  # artifact path of the consolidated Bundle
+SINGLE_TAG_PREFIX = "omniforcing.single."  # a run recorded afterwards by `pipeline.single log`
 CONFIG_ARTIFACT = "config/resolved.json"
 
 

@@ -185,7 +185,7 @@ def _open_run(
         raise ValueError(
             f"--resume {resume}: run {run_id} is stage {run_stage_name!r}, not {stage!r}"
         )
-    if "omniforcing.single.trained_by" in run.data.tags:
+    if tracking.SINGLE_TAG_PREFIX + "trained_by" in run.data.tags:
         raise ValueError(
             f"--resume {resume}: run {run_id} was recorded by `pipeline.single log` and has no "
             "checkpoint to resume; start a new run (or --init from its bundle with pipeline.single)"
