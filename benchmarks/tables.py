@@ -135,6 +135,8 @@ def streaming_table(fig: dict[str, Any]) -> str:
         rows += _cuda_rows(late)
     if any("graphed" in r for r in runs):
         rows += _graphed_rows(late)
+    if any("graphs_error" in r for r in runs):
+        rows.append(("`GraphedStream` failed", lambda r: r["graphs_error"].replace("|", "/")))
     body = [[label, *(get(r) if _has(get, r) else "–" for r in runs)] for label, get in rows]
     r0 = runs[0]
     title = (

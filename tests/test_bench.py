@@ -139,3 +139,17 @@ def test_train_suite_config_is_configs_tiny_yaml():
     # The bench builds it in code (configs/ is not installed); this keeps the two equal.
     yaml_path = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     assert TINY == yaml.safe_load(yaml_path.read_text())
+
+
+def test_a_failing_graphed_section_keeps_the_streaming_figures(monkeypatch):
+    import torch
+
+    import benchmarks.streaming as bs
+
+    def broken(*_: object) -> dict:
+        raise RuntimeError("capture | failed")
+
+    monkeypatch.setattr(bs, "_graphs_section", broken)
+    out = bs.run_preset("tiny", torch.device("cpu"), torch.float32, 12, 5, 4, graphs=True)
+    assert out["graphs_error"] == "RuntimeError: capture | failed" and "graphed" not in out
+    assert out["teacher_5s_s"] > 0 and out["speedup_teacher_over_student"] > 0
