@@ -112,10 +112,12 @@ class StreamingGenerator:
         if device is not None:
             bundle.to(device)
         self.device = next(self.model.parameters()).device
-        if graphs and None in self.windows:
-            raise ValueError(f"graphs=True needs a rolling window per modality, got {window_s}")
-        self.graphs = graphs
+        # Built here (it allocates nothing before its first stream) so that a missing window is
+        # refused at construction, by GraphedStream's own check.
         self._graphed: GraphedStream | None = None
+        if graphs:
+            max_len = bundle.text_encoder.max_len
+            self._graphed = GraphedStream(self.model, self.windows, max_len)
         self._graphed_free = threading.Lock()
 
     def new_cache(self, prompt: str, seconds: int) -> KVCache:
@@ -129,7 +131,7 @@ class StreamingGenerator:
             raise ValueError(f"seconds must be a positive whole number of blocks, got {seconds!r}")
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(int(seed))
-        graphed = self.graphs and self._graphed_free.acquire(blocking=False)
+        graphed = self._graphed is not None and self._graphed_free.acquire(blocking=False)
         try:
             yield from self._chunks(prompt, seconds, gen, start, graphed)
         finally:
@@ -139,9 +141,6 @@ class StreamingGenerator:
     def _chunks(self, prompt: str, seconds: int, gen, start: float, graphed: bool):
         cfg = self.model.cfg
         if graphed:
-            if self._graphed is None:
-                max_len = self.bundle.text_encoder.max_len
-                self._graphed = GraphedStream(self.model, self.windows, max_len)
             view = self._graphed
             cache = view.reset(*self.bundle.text_encoder([prompt]))
         else:
