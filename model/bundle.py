@@ -2,8 +2,12 @@
 
 On disk (`save_pretrained`): `config.json` (model config, text-encoder config, codec classes and
 configs), `model.safetensors`, `text.safetensors`, `codecs.safetensors` and `manifest.json` with
-the sha256 of each file. Written into a temporary sibling folder and renamed into place, so a
-crash never leaves a half-written bundle. Loading verifies the checksums and refuses a
+the sha256 of each file; a teacher that samples with autoguidance (`model.guidance.Guide`) adds
+`guide.safetensors` + `guide_text.safetensors` and a "guide" entry (its model and text-encoder
+configs, its weight) in config.json. DiT weights may be stored in a narrower float dtype
+(`weights_dtype`: the shipped demo teacher is fp16 on disk) and load as fp32 (or in the `dtype`
+asked for). Written into a temporary sibling folder and renamed into place, so a crash never
+leaves a half-written bundle. Loading verifies the checksums and refuses a
 config/weights mismatch, naming the keys. Nothing is ever pickled.
 """
 
@@ -24,11 +28,13 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .dit import AVDiT
+from .guidance import Guide
 from .text import WordTextEncoder
 
 FORMAT = "omniforcing-bundle"
 VERSION = 1
 FILES = ("config.json", "model.safetensors", "text.safetensors", "codecs.safetensors")
+GUIDE_FILES = ("guide.safetensors", "guide_text.safetensors")  # only with a "guide" entry
 
 
 class BundleError(ValueError):
@@ -43,8 +49,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+def _contiguous(
+    state: dict[str, torch.Tensor], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """CPU contiguous copies; floating tensors cast to `dtype` when given."""
+    return {
+        k: v.detach().to("cpu", dtype if v.is_floating_point() else None).contiguous()
+        for k, v in state.items()
+    }
 
 
 def load_state_strict(
@@ -92,6 +104,7 @@ class Bundle:
     video_codec: Any
     audio_codec: Any
     text_encoder: WordTextEncoder
+    guide: Guide | None = None  # autoguidance for the teacher's samplers (model.guidance)
 
     @property
     def config(self) -> ModelConfig:
@@ -100,10 +113,18 @@ class Bundle:
     def to(self, device=None, dtype=None) -> Bundle:
         self.model.to(device=device, dtype=dtype)
         self.text_encoder.to(device=device)
+        if self.guide is not None:
+            self.guide.to(device, dtype)
         return self
 
-    def save_pretrained(self, directory: str | os.PathLike, extra: dict | None = None) -> Path:
-        """Atomically write the bundle to `directory` (replacing an existing one)."""
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike,
+        extra: dict | None = None,
+        weights_dtype: torch.dtype | None = None,
+    ) -> Path:
+        """Atomically write the bundle to `directory` (replacing an existing one). DiT weights
+        (teacher and guide) are stored in `weights_dtype` when given (floating tensors only)."""
         out = Path(directory)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -127,11 +148,24 @@ class Bundle:
                 },
                 "extra": extra or {},
             }
+            files = FILES
+            if self.guide is not None:
+                g = self.guide
+                config["guide"] = {
+                    "model": g.model.cfg.to_dict(),
+                    "text_encoder": g.text_encoder.config(),
+                    "weight": float(g.weight),
+                }
+                save_file(_contiguous(g.model.state_dict(), weights_dtype), tmp / GUIDE_FILES[0])
+                save_file(_contiguous(g.text_encoder.state_dict()), tmp / GUIDE_FILES[1])
+                files = FILES + GUIDE_FILES
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-            save_file(_contiguous(self.model.state_dict()), tmp / "model.safetensors")
+            save_file(
+                _contiguous(self.model.state_dict(), weights_dtype), tmp / "model.safetensors"
+            )
             save_file(_contiguous(self.text_encoder.state_dict()), tmp / "text.safetensors")
             save_file(_contiguous(codec_state), tmp / "codecs.safetensors")
-            manifest = {name: sha256_file(tmp / name) for name in FILES}
+            manifest = {name: sha256_file(tmp / name) for name in files}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
             if out.exists():
                 old = out.with_name(f".{out.name}.old")
@@ -151,17 +185,12 @@ class Bundle:
     ) -> Bundle:
         """Load a saved bundle. With `device` or `dtype` the DiT is read straight onto `device`
         in `dtype` (`load_dit`: never a full fp32 copy in host memory) and the text encoder is
-        moved to `device` (fp32); codecs stay on the CPU. Without them: all fp32 on the CPU."""
+        moved to `device` (fp32); codecs stay on the CPU. Without them: all fp32 on the CPU.
+        A guide, when the bundle has one, loads the same way beside the DiT."""
         d = Path(directory)
         config = read_config(d, verify)
-        mcfg = ModelConfig.from_dict(config["model"])
-        if device is None and dtype is None:
-            model = AVDiT(mcfg)
-            load_state_strict(model, load_file(d / "model.safetensors"), f"{d}/model.safetensors")
-        else:
-            model = load_dit(mcfg, d / "model.safetensors", device, dtype)
-        text = WordTextEncoder.from_config(config["text_encoder"])
-        load_state_strict(text, load_file(d / "text.safetensors"), f"{d}/text.safetensors")
+        model = _load_model(config["model"], d / "model.safetensors", device, dtype)
+        text = _load_text(config["text_encoder"], d / "text.safetensors")
         codec_state = load_file(d / "codecs.safetensors")
         codecs = []
         for kind in ("video", "audio"):
@@ -170,8 +199,34 @@ class Bundle:
                 k[len(kind) + 1 :]: v for k, v in codec_state.items() if k.startswith(kind + ".")
             }
             codecs.append(codec_class(entry["class"]).from_state(entry["config"], state))
-        bundle = cls(model.eval(), codecs[0], codecs[1], text.eval())
+        guide = None
+        if "guide" in config:
+            g = config["guide"]
+            guide = Guide(  # frozen: a guide is only ever run, never trained
+                _load_model(g["model"], d / GUIDE_FILES[0], device, dtype).eval(),
+                _load_text(g["text_encoder"], d / GUIDE_FILES[1]).eval().requires_grad_(False),
+                float(g["weight"]),
+            )
+            guide.model.requires_grad_(False)
+        bundle = cls(model.eval(), codecs[0], codecs[1], text.eval(), guide)
         return bundle.to(device) if device is not None else bundle
+
+
+def _load_model(config: dict[str, Any], path: Path, device=None, dtype=None) -> AVDiT:
+    """A DiT from its config entry and weight file: fp32 on the CPU (weights stored narrower
+    are cast up) unless `device`/`dtype` are given (`load_dit`)."""
+    mcfg = ModelConfig.from_dict(config)
+    if device is None and dtype is None:
+        model = AVDiT(mcfg)
+        load_state_strict(model, load_file(path), str(path))
+        return model
+    return load_dit(mcfg, path, device, dtype)
+
+
+def _load_text(config: dict[str, Any], path: Path) -> WordTextEncoder:
+    text = WordTextEncoder.from_config(config)
+    load_state_strict(text, load_file(path), str(path))
+    return text
 
 
 def read_config(directory: Path, verify: bool = True) -> dict[str, Any]:
@@ -183,21 +238,27 @@ def read_config(directory: Path, verify: bool = True) -> dict[str, Any]:
         if not manifest_path.is_file():
             raise BundleError(f"{directory}: manifest.json missing; refusing an unverified bundle")
         manifest = json.loads(manifest_path.read_text())
-        for name in FILES:
-            if not (directory / name).is_file():
-                raise BundleError(f"{directory}: {name} missing")
-            if sha256_file(directory / name) != manifest.get(name):
-                raise BundleError(
-                    f"{directory}/{name}: checksum does not match manifest.json "
-                    "(file modified or corrupted)"
-                )
+        _verify(directory, manifest, FILES)
     config = json.loads((directory / "config.json").read_text())
+    if verify and "guide" in config:  # config.json is verified: it says whether a guide ships
+        _verify(directory, manifest, GUIDE_FILES)
     if config.get("format") != FORMAT or config.get("version") != VERSION:
         raise BundleError(
             f"{directory}: format {config.get('format')!r} v{config.get('version')} is not "
             f"{FORMAT!r} v{VERSION}"
         )
     return config
+
+
+def _verify(directory: Path, manifest: dict[str, str], names: tuple[str, ...]) -> None:
+    for name in names:
+        if not (directory / name).is_file():
+            raise BundleError(f"{directory}: {name} missing")
+        if sha256_file(directory / name) != manifest.get(name):
+            raise BundleError(
+                f"{directory}/{name}: checksum does not match manifest.json "
+                "(file modified or corrupted)"
+            )
 
 
 def codec_class(name: str):

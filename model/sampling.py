@@ -10,6 +10,7 @@ import torch
 
 from . import flow
 from .dit import AVDiT
+from .guidance import BoundGuide, Guide, teacher_velocity
 from .layout import BlockLayout
 
 
@@ -28,51 +29,17 @@ def guided_velocity(
     text: tuple[torch.Tensor, torch.Tensor],
     null_text: tuple[torch.Tensor, torch.Tensor] | None,
     cfg_scales: tuple[float, float],
+    guide: BoundGuide | None = None,
 ):
-    """A denoiser (x_v, x_a, σ) → CFG velocities; cond and uncond run as one batch."""
+    """A denoiser (x_v, x_a, σ) → guided velocities (`guidance.teacher_velocity`: CFG with cond
+    and uncond as one batch, plus autoguidance when `guide` is given)."""
 
     def velocity(xv, xa, s):
-        b = xv.shape[0]
         sv = torch.full(xv.shape[:2], float(s), device=xv.device)
         sa = torch.full(xa.shape[:2], float(s), device=xa.device)
-        if null_text is None or cfg_scales == (1.0, 1.0):
-            return model(xv, xa, sv, sa, *text)
-        emb, mask = _stack_text(text, null_text)
-        vv, va = model(
-            torch.cat([xv, xv]),
-            torch.cat([xa, xa]),
-            torch.cat([sv, sv]),
-            torch.cat([sa, sa]),
-            emb,
-            mask,
-        )
-        return (
-            flow.guided(vv[:b], vv[b:], cfg_scales[0]),
-            flow.guided(va[:b], va[b:], cfg_scales[1]),
-        )
+        return teacher_velocity(model, xv, xa, sv, sa, text, null_text, cfg_scales, guide)
 
     return velocity
-
-
-def _stack_text(a, b):
-    """Concatenate two (emb [B,L,D], mask [B,L]) batches, padding to the longer L."""
-    (ea, ma), (eb, mb) = a, b
-    ma = torch.ones(ea.shape[:2], dtype=torch.bool, device=ea.device) if ma is None else ma
-    mb = torch.ones(eb.shape[:2], dtype=torch.bool, device=eb.device) if mb is None else mb
-    length = max(ea.shape[1], eb.shape[1])
-
-    def pad(e, m):
-        extra = length - e.shape[1]
-        if extra:
-            e = torch.cat([e, e.new_zeros(e.shape[0], extra, e.shape[2])], dim=1)
-            m = torch.cat([m, m.new_zeros(m.shape[0], extra)], dim=1)
-        return e, m
-
-    (ea, ma), (eb, mb) = (
-        pad(ea, ma),
-        pad(eb.expand(ea.shape[0], -1, -1), mb.expand(ea.shape[0], -1)),
-    )
-    return torch.cat([ea, eb]), torch.cat([ma, mb])
 
 
 @torch.no_grad()
@@ -84,8 +51,10 @@ def sample_teacher(
     generator: torch.Generator,
     steps: int = 40,
     cfg_scales: tuple[float, float] = (3.0, 5.0),
+    guide: Guide | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher clip latents for `prompts`: 40-step Euler on the LTX-2 schedule, CFG per modality."""
+    """Teacher clip latents for `prompts`: 40-step Euler on the LTX-2 schedule, CFG per modality,
+    autoguided by `guide` when given (a bundle's `guide`: the sampler it ships with)."""
     p = next(model.parameters())
     text = text_encoder(list(prompts))
     null = text_encoder([""])
@@ -93,7 +62,8 @@ def sample_teacher(
     nv = flow.randn(vs, generator, p.device, p.dtype)
     na = flow.randn(as_, generator, p.device, p.dtype)
     sigmas = flow.ltx2_sigmas(steps, n_tokens=vs[1] * model.cfg.video_tokens_per_frame + as_[1])
-    vel = guided_velocity(model, text, null, cfg_scales)
+    bound = guide.bind(prompts) if guide is not None else None
+    vel = guided_velocity(model, text, null, cfg_scales, bound)
     return flow.euler_sample(vel, nv, na, sigmas)
 
 

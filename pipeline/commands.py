@@ -187,12 +187,23 @@ def runs(
 def export_cmd(
     checkpoint: Annotated[str, typer.Option(help="A teacher checkpoint folder (step-…).")],
     out: Annotated[str, typer.Option(help="Bundle folder to write.")],
+    guide: Annotated[
+        str | None,
+        typer.Option(
+            help="Autoguidance: a weaker teacher (an earlier checkpoint of the run, or a bundle) "
+            "the samplers push away from."
+        ),
+    ] = None,
+    guide_weight: Annotated[float, typer.Option(help="Autoguidance weight w.")] = 1.0,
+    weights_dtype: Annotated[
+        str, typer.Option(help="DiT weights on disk: float32, float16 or bfloat16.")
+    ] = "float32",
 ) -> None:
     """Export a teacher checkpoint's EMA weights + codecs + text encoder as a Bundle."""
-    from pipeline.stages.teacher import export_checkpoint
+    from pipeline.export import export_checkpoint
 
     with user_errors():
-        path = export_checkpoint(checkpoint, out)
+        path = export_checkpoint(checkpoint, out, guide, guide_weight, weights_dtype)
     console.print(f"[green]exported[/] {path}")
 
 

@@ -143,7 +143,13 @@ def generate(
         else:
             gen = torch.Generator().manual_seed(seed + i)
             v, a = sample_teacher(
-                bundle.model, bundle.text_encoder, [prompt], seconds, gen, steps=teacher_steps
+                bundle.model,
+                bundle.text_encoder,
+                [prompt],
+                seconds,
+                gen,
+                steps=teacher_steps,
+                guide=bundle.guide,  # the sampler the teacher ships with (autoguidance)
             )
             frames, audio = decode_clip(bundle, v[0], a[0])
         meta = {

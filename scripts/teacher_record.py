@@ -39,6 +39,9 @@ def main() -> None:
     ap.add_argument("--step", type=int, required=True, help="the exported checkpoint's step")
     ap.add_argument("--wall-minutes", type=float, required=True)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--guide-step", type=int, help="autoguidance: the guide checkpoint's step")
+    ap.add_argument("--guide-weight", type=float, default=1.0)
+    ap.add_argument("--weights-dtype", default="float32", help="as given to omniforcing export")
     ap.add_argument("--note", default="", help="hardware sharing, interruptions, resumes")
     ap.add_argument("--out", type=Path, default=Path("pipeline/assets/demo-teacher-record"))
     args = ap.parse_args()
@@ -54,7 +57,17 @@ def main() -> None:
         "data": "omniforcing data synth --balls 1 --clips 2048 --seed 1 --shard-size 128; "
         "omniforcing data fit-codec --max-clips 256",
         "exported": f"omniforcing export --checkpoint <run>/step-{args.step:08d} "
-        "--out pipeline/assets/demo-teacher (EMA weights)",
+        + (
+            f"--guide <run>/step-{args.guide_step:08d} --guide-weight {args.guide_weight} "
+            if args.guide_step is not None
+            else ""
+        )
+        + f"--weights-dtype {args.weights_dtype} --out pipeline/assets/demo-teacher (EMA weights)",
+        "guide": (
+            {"step": args.guide_step, "weight": args.guide_weight, "run": args.run}
+            if args.guide_step is not None
+            else None
+        ),
         "hardware": {
             "cpu": machine_cpu(),
             "cores": os.cpu_count(),

@@ -29,6 +29,11 @@ def test_shipped_teacher_is_a_bidirectional_demo_teacher_with_fitted_codecs(ship
     record = json.loads((RECORD / "training.json").read_text())
     assert record["steps"] >= 2000 and record["batch_size"] == 16
     assert (RECORD / f"eval-step{record['steps']}.json").is_file()
+    # It samples with autoguidance: an earlier checkpoint of its own run, frozen, same latents.
+    guide = shipped.guide
+    assert guide is not None and guide.weight > 0 and record["guide"]["step"] < record["steps"]
+    assert guide.model.cfg.video_latent_hw == cfg.video_latent_hw and not guide.model.cfg.causal
+    assert not any(p.requires_grad for p in guide.model.parameters())
 
 
 def test_a_modified_shipped_file_fails_clearly(tmp_path):

@@ -144,7 +144,9 @@ def test_actor_pool_streams_and_caches(
     np.testing.assert_allclose(np.stack([r["traj_audio"] for r in scored]), ta.numpy(), atol=1e-5)
     # Cached: the first call writes shards under the teacher's fingerprint, the second reuses them.
     first = shards.cached_trajectories(ds, cfg).take_all()
-    out = shards.trajectory_dir(tmp_path, shards.teacher_fingerprint(tiny_teacher_dir), STUDENT)
+    fp = shards.teacher_fingerprint(tiny_teacher_dir)
+    out = shards.trajectory_dir(tmp_path, fp, STUDENT, shards.sampler_tag(cfg.distill))
+    assert out.name.endswith("-steps4-cfg3_5")  # teacher steps and CFG scales key the cache
     stamp = (out / "index.json").stat().st_mtime_ns
     second = shards.cached_trajectories(ds, cfg).take_all()
     assert (out / "index.json").stat().st_mtime_ns == stamp

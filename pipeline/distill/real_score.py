@@ -61,14 +61,16 @@ class RealScoreActor:
     ) -> tuple[np.ndarray, np.ndarray]:
         """x_t video [B,Fv,h,w,C], audio [B,Fa,C], σ [B,Fv], [B,Fa] → CFG x0 (same shapes)."""
         enc = self.bundle.text_encoder
-        text, null = enc([str(c) for c in captions]), enc([""])
+        prompts = [str(c) for c in captions]
+        text, null = enc(prompts), enc([""])
+        guide = self.bundle.guide.bind(prompts) if self.bundle.guide is not None else None
         dev = self.device
         # Latents and σ stay fp32: guided_x0 runs only the DiT in the teacher's dtype (bf16 on a
         # GPU actor) and forms CFG and x0 in fp32, so the reply carries no bf16 x_t rounding.
         x0v, x0a = guided_x0(
             self.bundle.model, _tensor(xv).to(dev), _tensor(xa).to(dev),
             _tensor(sv).to(dev), _tensor(sa).to(dev),
-            text, null, (float(scales[0]), float(scales[1])),
+            text, null, (float(scales[0]), float(scales[1])), guide,
         )  # fmt: skip
         return x0v.float().cpu().numpy(), x0a.float().cpu().numpy()
 

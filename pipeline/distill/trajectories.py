@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from model import AVDiT, flow
-from model.sampling import _stack_text
+from model.guidance import BoundGuide, Guide, teacher_velocity
 
 
 def guided_x0(
@@ -34,23 +34,15 @@ def guided_x0(
     text: tuple[torch.Tensor, torch.Tensor],
     null: tuple[torch.Tensor, torch.Tensor],
     scales: tuple[float, float],
+    guide: BoundGuide | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CFG x0 (LTX-2 rule c + (s−1)(c−u) on velocity) at per-frame σ sv [B,Fv], sa [B,Fa].
+    """The guided teacher's x0 at per-frame σ: `model.guidance.teacher_velocity` (CFG, plus
+    autoguidance when the teacher bundle ships a guide), then x0 = x_t − σ·v.
 
-    Only the network runs in its own dtype (bf16 on a GPU teacher actor): the latents x_t are
-    cast for it, and its velocities come back in x_t's dtype, so CFG and x0 = x_t − σ·v are
-    computed at x_t's precision (fp32 ODE state stays fp32). When x_t is already in the model's
-    dtype (fp32 on CPU, the local bf16 real score) nothing is cast: results are as before.
-    """
-    b, dt = xv.shape[0], next(model.parameters()).dtype
-    emb, mask = _stack_text(text, null)  # cond rows first, then uncond
-    vv, va = model(
-        torch.cat([xv, xv]).to(dt), torch.cat([xa, xa]).to(dt),
-        torch.cat([sv, sv]), torch.cat([sa, sa]), emb.to(dt), mask,
-    )  # fmt: skip
-    vv, va = vv.to(xv.dtype), va.to(xa.dtype)  # [2B, Fv, h, w, C], [2B, Fa, C]
-    gv = flow.guided(vv[:b], vv[b:], scales[0])
-    ga = flow.guided(va[:b], va[b:], scales[1])
+    Only the networks run in their own dtype (bf16 on a GPU teacher actor): the latents x_t are
+    cast for them and velocities come back in x_t's dtype, so CFG and x0 are computed at x_t's
+    precision (fp32 ODE state stays fp32)."""
+    gv, ga = teacher_velocity(model, xv, xa, sv, sa, text, null, scales, guide)
     return flow.x0_from_velocity(xv, gv, sv), flow.x0_from_velocity(xa, ga, sa)
 
 
@@ -79,6 +71,7 @@ def teacher_trajectory(
     student_sigmas: Sequence[float],
     steps: int = 40,
     scales: tuple[float, float] = (3.0, 5.0),
+    guide: Guide | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(traj_v [B,K+1,Fv,h,w,C], traj_a [B,K+1,Fa,C], σ [K+1]) at the student's σ + clean end,
     float32 on the model's device.
@@ -97,6 +90,7 @@ def teacher_trajectory(
     xv, xa = nv.to(p.device, torch.float32), na.to(p.device, torch.float32)
     text = text_encoder(list(captions))
     null = text_encoder([""])
+    bound = guide.bind(captions) if guide is not None else None  # the bundle's autoguidance
     n_tokens = vshape[0] * model.cfg.video_tokens_per_frame + ashape[0]
     sched = merged_schedule(student_sigmas, steps, n_tokens)
     want = [float(s) for s in student_sigmas] + [0.0]
@@ -111,7 +105,7 @@ def teacher_trajectory(
             break
         sv = torch.full((b, vshape[0]), s, device=p.device)
         sa = torch.full((b, ashape[0]), s, device=p.device)
-        x0v, x0a = guided_x0(model, xv, xa, sv, sa, text, null, scales)
+        x0v, x0a = guided_x0(model, xv, xa, sv, sa, text, null, scales, bound)
         nxt = sched[i + 1]  # Euler on velocity == interpolate towards the predicted x0
         xv = xv + (nxt - s) * (xv - x0v) / s
         xa = xa + (nxt - s) * (xa - x0a) / s
@@ -150,6 +144,7 @@ class TeacherScorer:
             self.sigmas,
             self.steps,
             self.scales,
+            self.bundle.guide,
         )
         out = dict(batch)
         out["traj_video"] = traj_v.float().cpu().numpy()

@@ -1,9 +1,11 @@
 """Trajectory shards: the teacher's ODE rows cached as webdataset tars of `<key>.safetensors` +
-`<key>.json` under `<root>/teacher-<sha256 of model.safetensors>/sigmas-<list>/`, written
-atomically, so a repeated or resumed job reuses them. Never pickles."""
+`<key>.json` under `<root>/teacher-<fingerprint>/sigmas-<list>-steps<N>-cfg<v>_<a>/`, written
+atomically, so a repeated or resumed job reuses them, and a change of teacher weights, guide,
+student σ, teacher steps or CFG scales writes new ones. Never pickles."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -23,7 +25,11 @@ from pipeline.distill.trajectories import score_dataset
 
 
 def teacher_fingerprint(ref: str | os.PathLike) -> str:
-    """sha256 of the teacher's model.safetensors (its manifest's entry); URIs are downloaded."""
+    """sha256 of the teacher's model.safetensors (its manifest's entry); URIs are downloaded.
+    A teacher that ships an autoguidance guide samples differently: its fingerprint also covers
+    the guide's weight files and weight w."""
+    from model.bundle import GUIDE_FILES, sha256_file
+
     d = Path(ref)
     if not (d / "model.safetensors").is_file():  # download only: no need to load the Bundle
         from pipeline.distill.roles import bundle_uri
@@ -31,19 +37,34 @@ def teacher_fingerprint(ref: str | os.PathLike) -> str:
 
         d = bundle_dir(bundle_uri(str(ref)), tempfile.mkdtemp(prefix="omni-teacher-"))
     manifest = d / "manifest.json"
-    if manifest.is_file():
-        digest = json.loads(manifest.read_text()).get("model.safetensors")
-        if digest:
-            return str(digest)
-    from model.bundle import sha256_file
+    digests = json.loads(manifest.read_text()) if manifest.is_file() else {}
 
-    return sha256_file(d / "model.safetensors")
+    def digest(name: str) -> str:
+        return str(digests.get(name) or sha256_file(d / name))
+
+    config = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+    if "guide" not in config:
+        return digest("model.safetensors")
+    parts = [digest("model.safetensors"), *map(digest, GUIDE_FILES), str(config["guide"]["weight"])]
+    return hashlib.sha256(":".join(parts).encode()).hexdigest()
 
 
-def trajectory_dir(root: str | os.PathLike, fingerprint: str, sigmas: Sequence[float]) -> Path:
-    """`<root>/teacher-<fingerprint[:16]>/sigmas-<σ list>`: one folder per teacher and σ list."""
+def sampler_tag(distill: Any) -> str:
+    """The teacher sampler settings the ODE rows depend on: `steps<N>-cfg<video>_<audio>`."""
+    return f"steps{distill.teacher_steps}-cfg{distill.ode_cfg_video:g}_{distill.ode_cfg_audio:g}"
+
+
+def trajectory_dir(
+    root: str | os.PathLike, fingerprint: str, sigmas: Sequence[float], sampler: str = ""
+) -> Path:
+    """`<root>/teacher-<fingerprint[:16]>/sigmas-<σ list>[-<sampler>]`: one folder per teacher,
+    σ list and teacher sampler (`sampler_tag`)."""
     tag = "_".join(f"{float(s):.4f}" for s in sigmas)
-    return Path(root) / f"teacher-{fingerprint[:16]}" / f"sigmas-{tag}"
+    return (
+        Path(root)
+        / f"teacher-{fingerprint[:16]}"
+        / f"sigmas-{tag}{'-' + sampler if sampler else ''}"
+    )
 
 
 def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -131,7 +152,8 @@ def cached_trajectories(ds: Any, cfg: Any) -> Any:
     d = cfg.distill
     if not d.trajectory_cache:
         return score_dataset(ds, cfg)
-    out = trajectory_dir(d.trajectory_cache, teacher_fingerprint(d.teacher), d.student_sigmas)
+    fp = teacher_fingerprint(d.teacher)
+    out = trajectory_dir(d.trajectory_cache, fp, d.student_sigmas, sampler_tag(d))
     if not (out / "index.json").is_file():
         write_trajectory_shards(score_dataset(ds, cfg).iter_rows(), out)
     index = json.loads((out / "index.json").read_text())

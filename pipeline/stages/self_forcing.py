@@ -93,6 +93,8 @@ class SelfForcingStage:
             # The actor scores; keep only the teacher's text encoder and codecs (the DiT's
             # weights go to the meta device: shapes stay, memory is freed).
             self.teacher.model.to("meta")
+            if self.teacher.guide is not None:
+                self.teacher.guide.model.to("meta")
             self.teacher.text_encoder.to(ctx.device)
         ema = cfg.train.ema
         self._emas = {"student": Ema(self.engine.module, ema.decay)} if ema.enabled else {}
@@ -146,7 +148,9 @@ class SelfForcingStage:
         on this worker's frozen teacher, or on its actor of the pool (`distill.real_score`)."""
         if self._remote is not None:
             return self._remote(xtv, xta, sv, sa, inp["captions"], self.scales)
-        return guided_x0(self.real, xtv, xta, sv, sa, inp["text"], inp["null"], self.scales)
+        guide = self.teacher.guide
+        bound = guide.bind(inp["captions"]) if guide is not None else None
+        return guided_x0(self.real, xtv, xta, sv, sa, inp["text"], inp["null"], self.scales, bound)
 
     # ---- updates --------------------------------------------------------------------------------
     def critic_update(self, inp: dict[str, Any], g: torch.Generator, ctx: WorkerContext) -> float:

@@ -211,12 +211,17 @@ def write_bundle(
 ) -> Path:
     """TeacherNet weights (a full state dict) + the run's codecs (or `codecs`, a (video, audio)
     pair) → a model.Bundle at `out_dir`."""
+    return teacher_bundle(cfg, mcfg, state, codecs).save_pretrained(out_dir, extra)
+
+
+def teacher_bundle(cfg: Any, mcfg: Any, state: dict, codecs: tuple | None = None) -> Any:
+    """TeacherNet weights (a full state dict) + the run's codecs (or `codecs`) → a model.Bundle."""
     from model.bundle import Bundle
 
     net = TeacherNet(AVDiT(mcfg), build_text_encoder(cfg, mcfg.text_dim))
     net.load_state_dict(state)  # strict: every weight of the net must come from `state`
     vcodec, acodec = codecs or load_codecs(cfg, mcfg)
-    return Bundle(net.dit.eval(), vcodec, acodec, net.text.eval()).save_pretrained(out_dir, extra)
+    return Bundle(net.dit.eval(), vcodec, acodec, net.text.eval())
 
 
 def load_codecs(cfg: Any, mcfg: Any) -> tuple[Any, Any]:
@@ -240,27 +245,3 @@ def load_codecs(cfg: Any, mcfg: Any) -> tuple[Any, Any]:
 
 
 STAGE = TeacherStage
-
-
-def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
-    """A teacher checkpoint's EMA weights as a Bundle, without Ray or DeepSpeed.
-
-    For checkpoints below ZeRO-3 (each rank's EMA holds whole tensors), e.g. a long CPU run that
-    is stopped between its periodic checkpoints. Codecs come from the run's `data.codec_dir`.
-    """
-    from safetensors.torch import load_file
-
-    from pipeline.checkpoint import read_meta
-    from pipeline.config import validate
-
-    d = Path(ckpt_dir)
-    meta = read_meta(d)
-    cfg = validate(meta["config"], source=str(d / "meta.json"))
-    if cfg.train.zero_stage == 3:
-        raise ValueError(f"{d}: ZeRO-3 checkpoints hold EMA shards; export by resuming the run")
-    ema = d / "ema" / "teacher-rank0.safetensors"
-    if not ema.is_file():
-        raise FileNotFoundError(f"{d}: no EMA weights at {ema} (train.ema.enabled was false?)")
-    extra = {"stage": "teacher", "step": meta["step"], "source": str(d)}
-    mcfg = cfg.build_model_config(causal=False)
-    return write_bundle(cfg, mcfg, load_file(str(ema)), out_dir, extra)
