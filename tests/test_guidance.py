@@ -145,6 +145,38 @@ def _flat(text: str) -> str:
     return " ".join(text.split())  # rich wraps long error lines
 
 
+def test_self_forcing_local_real_score_follows_the_guide(tmp_path, distill_ctx):
+    """The Self-Forcing stage's local DMD real score is the autoguided teacher's x0 (its guide
+    encoded once per batch, in `inputs`); the same teacher without its guide scores otherwise."""
+    from pipeline.distill import roles
+    from pipeline.stages.self_forcing import SelfForcingStage
+    from tests.fixtures.distill import PlainEngine, distill_config, make_batch
+
+    _teacher(0, guide_seed=2, weight=1.0).save_pretrained(tmp_path / "guided")
+    _teacher(0).save_pretrained(tmp_path / "plain")
+    scores = {}
+    for name in ("guided", "plain"):
+        cfg = distill_config(tmp_path / name)
+        ctx = distill_ctx(cfg)
+        stage = SelfForcingStage()
+        stage.build(ctx, lambda net, lr=None: PlainEngine(net, lr or 1e-3))
+        batch = make_batch(cfg, 2)
+        inp = stage.inputs(batch, ctx)
+        xv, xa, captions, _ = roles.batch_latents(batch, ctx.device, ctx.dtype)
+        sv, sa = torch.full(xv.shape[:2], 0.6), torch.full(xa.shape[:2], 0.6)
+        with torch.no_grad():
+            scores[name] = stage.real_score(xv, xa, sv, sa, inp)
+    teacher = Bundle.from_pretrained(tmp_path / "guided")
+    with torch.no_grad():
+        text, null = teacher.text_encoder(captions), teacher.text_encoder([""])
+        want = guided_x0(
+            teacher.model, xv, xa, sv, sa, text, null, stage.scales, teacher.guide.bind(captions)
+        )
+    for got, ref, plain in zip(scores["guided"], want, scores["plain"], strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+        assert (got - plain).abs().max() > 1e-3
+
+
 def _checkpoint(d: Path, seed: int, step: int) -> Path:
     """A teacher checkpoint folder as the trainer writes it (meta.json + rank-0 EMA weights)."""
     from safetensors.torch import save_file

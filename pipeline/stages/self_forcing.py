@@ -114,6 +114,10 @@ class SelfForcingStage:
             text = (emb.to(ctx.dtype), mask)
             emb0, mask0 = self.teacher.text_encoder([""])
             null = (emb0.to(ctx.dtype), mask0)
+        # The local real score's autoguidance, prompts encoded once per batch like `text`
+        # (actors bind their own guide).
+        guide = self.teacher.guide if self._remote is None else None
+        bound = guide.bind(captions) if guide is not None else None
         fv, fa = video.shape[1], audio.shape[1]
         seconds = (fv - 1) // self.engine.module.cfg.video_block_latents
         prefix = (video[:, :1], audio[:, :1]) if ctx.cfg.distill.prefix != "generated" else None
@@ -123,7 +127,7 @@ class SelfForcingStage:
             1 + cfgm.audio_block_latents * (seconds - 1),
         )
         return {
-            "captions": captions, "text": text, "null": null, "seconds": seconds,
+            "captions": captions, "text": text, "null": null, "guide": bound, "seconds": seconds,
             "prefix": prefix, "fv": fv, "fa": fa,
             "last": last if ctx.cfg.distill.loss_scope == "last_block" else None,
             "n_tokens": fv * cfgm.video_tokens_per_frame + fa,
@@ -148,9 +152,9 @@ class SelfForcingStage:
         on this worker's frozen teacher, or on its actor of the pool (`distill.real_score`)."""
         if self._remote is not None:
             return self._remote(xtv, xta, sv, sa, inp["captions"], self.scales)
-        guide = self.teacher.guide
-        bound = guide.bind(inp["captions"]) if guide is not None else None
-        return guided_x0(self.real, xtv, xta, sv, sa, inp["text"], inp["null"], self.scales, bound)
+        return guided_x0(
+            self.real, xtv, xta, sv, sa, inp["text"], inp["null"], self.scales, inp["guide"]
+        )
 
     # ---- updates --------------------------------------------------------------------------------
     def critic_update(self, inp: dict[str, Any], g: torch.Generator, ctx: WorkerContext) -> float:
