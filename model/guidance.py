@@ -59,6 +59,11 @@ class BoundGuide:
     weight: float
 
 
+def bind(guide: Guide | None, prompts: Sequence[str]) -> BoundGuide | None:
+    """`guide` bound to `prompts`, or None for a teacher without one (plain CFG)."""
+    return guide.bind(prompts) if guide is not None else None
+
+
 def stack_text(a: Text, b: Text) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate two (emb [B,L,D], mask [B,L]) batches, padding to the longer L; `b` may be
     one row (the null prompt), broadcast to `a`'s batch."""

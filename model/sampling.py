@@ -10,7 +10,7 @@ import torch
 
 from . import flow
 from .dit import AVDiT
-from .guidance import BoundGuide, Guide, teacher_velocity
+from .guidance import BoundGuide, Guide, bind, teacher_velocity
 from .layout import BlockLayout
 
 
@@ -62,7 +62,7 @@ def sample_teacher(
     nv = flow.randn(vs, generator, p.device, p.dtype)
     na = flow.randn(as_, generator, p.device, p.dtype)
     sigmas = flow.ltx2_sigmas(steps, n_tokens=vs[1] * model.cfg.video_tokens_per_frame + as_[1])
-    bound = guide.bind(prompts) if guide is not None else None
+    bound = bind(guide, prompts)
     vel = guided_velocity(model, text, null, cfg_scales, bound)
     return flow.euler_sample(vel, nv, na, sigmas)
 

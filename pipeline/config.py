@@ -85,6 +85,15 @@ class EmaSection(_Strict):
     decay: float = Field(default=0.999, ge=0.0, le=1.0)
 
 
+class SigmaSection(_Strict):
+    """Teacher training σ ~ logit-normal(mean, std) (SD3's timestep sampling), per sample and
+    modality. A positive mean trains the high-noise end harder, where a clip's global motion is
+    decided (issue 8: the demo teacher's open-space turns are made at σ > 0.7)."""
+
+    mean: float = 0.0
+    std: float = Field(default=1.0, gt=0.0)
+
+
 class TrainSection(_Strict):
     steps: int = Field(default=100, ge=1)  # optimizer steps (not micro-steps)
     lr: float = Field(default=3e-4, gt=0.0)
@@ -96,6 +105,7 @@ class TrainSection(_Strict):
     clip_grad: float = Field(default=1.0, ge=0.0)  # 0 disables clipping
     ema: EmaSection = EmaSection()
     text_dropout: float = Field(default=0.1, ge=0.0, le=1.0)  # caption → "" for CFG
+    sigma: SigmaSection = SigmaSection()  # teacher stage: training noise levels
     seed: int = 0
     zero_stage: Literal[1, 2, 3] = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU

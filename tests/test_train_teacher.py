@@ -5,16 +5,46 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import boto3
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
+from model import flow
 from pipeline import tracking
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
+from pipeline.stages.teacher import TeacherStage
 from pipeline.trainer import run_stage
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def _sigmas(overrides: list[str], batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (video, audio) training σ [B] the teacher stage draws under `overrides`."""
+    cfg = load_config(CONFIG, overrides)
+    ctx = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), dtype=torch.float32)
+    video, audio = torch.zeros(batch, 2, 1, 1, 1), torch.zeros(batch, 3, 1)
+    g = torch.Generator().manual_seed(0)
+    _, _, sv, sa, _, _ = TeacherStage()._noised(video, audio, g, ctx)
+    assert (sv == sv[:, :1]).all() and (sa == sa[:, :1]).all()  # one σ per stream and sample
+    return sv[:, 0], sa[:, 0]
+
+
+def test_training_sigma_follows_train_sigma() -> None:
+    """train.sigma shifts the logit-normal σ draws (per modality, independent); the default is
+    the plain logit-normal(0, 1) earlier runs drew, so their resumes see the same noise."""
+    sv, sa = _sigmas([])
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sv, flow.logit_normal([len(sv)], g))
+    assert not torch.equal(sv, sa)
+    hv, ha = _sigmas(["train.sigma.mean=1.5", "train.sigma.std=0.5"])
+    for s in (hv, ha):
+        assert abs(float(s.median()) - float(torch.sigmoid(torch.tensor(1.5)))) < 0.01
+        assert float((s > 0.7).float().mean()) > 0.9 > float((sv > 0.7).float().mean())
+    with pytest.raises(ConfigError, match="train.sigma.std"):
+        load_config(CONFIG, ["train.sigma.std=0"])
 
 
 def _s3_keys(endpoint: str, bucket: str, prefix: str) -> list[str]:

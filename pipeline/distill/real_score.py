@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.guidance import bind
 from pipeline.distill.trajectories import guided_x0
 
 NAMES_KEY = "real_score_actors"  # WorkerContext.extra keys the pool fills
@@ -63,7 +64,7 @@ class RealScoreActor:
         enc = self.bundle.text_encoder
         prompts = [str(c) for c in captions]
         text, null = enc(prompts), enc([""])
-        guide = self.bundle.guide.bind(prompts) if self.bundle.guide is not None else None
+        guide = bind(self.bundle.guide, prompts)
         dev = self.device
         # Latents and σ stay fp32: guided_x0 runs only the DiT in the teacher's dtype (bf16 on a
         # GPU actor) and forms CFG and x0 in fp32, so the reply carries no bf16 x_t rounding.

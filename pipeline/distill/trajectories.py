@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from model import AVDiT, flow
-from model.guidance import BoundGuide, Guide, teacher_velocity
+from model.guidance import BoundGuide, Guide, bind, teacher_velocity
 
 
 def guided_x0(
@@ -90,7 +90,7 @@ def teacher_trajectory(
     xv, xa = nv.to(p.device, torch.float32), na.to(p.device, torch.float32)
     text = text_encoder(list(captions))
     null = text_encoder([""])
-    bound = guide.bind(captions) if guide is not None else None  # the bundle's autoguidance
+    bound = bind(guide, captions)  # the bundle's autoguidance
     n_tokens = vshape[0] * model.cfg.video_tokens_per_frame + ashape[0]
     sched = merged_schedule(student_sigmas, steps, n_tokens)
     want = [float(s) for s in student_sigmas] + [0.0]

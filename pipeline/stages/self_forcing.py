@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from model import AVDiT, flow
+from model.guidance import bind
 from pipeline.distill import dmd, roles
 from pipeline.distill.rollout import noise_levels, rollout
 from pipeline.distill.trajectories import guided_x0
@@ -116,8 +117,7 @@ class SelfForcingStage:
             null = (emb0.to(ctx.dtype), mask0)
         # The local real score's autoguidance, prompts encoded once per batch like `text`
         # (actors bind their own guide).
-        guide = self.teacher.guide if self._remote is None else None
-        bound = guide.bind(captions) if guide is not None else None
+        bound = bind(self.teacher.guide if self._remote is None else None, captions)
         fv, fa = video.shape[1], audio.shape[1]
         seconds = (fv - 1) // self.engine.module.cfg.video_block_latents
         prefix = (video[:, :1], audio[:, :1]) if ctx.cfg.distill.prefix != "generated" else None

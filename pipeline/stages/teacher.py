@@ -94,8 +94,10 @@ class TeacherStage:
     def _noised(self, video, audio, g: torch.Generator, ctx: WorkerContext):
         b, fv, fa = video.shape[0], video.shape[1], audio.shape[1]
         # Independent σ per sample and per modality; one σ for all frames of a stream.
-        sv = flow.logit_normal([b], g).view(b, 1).expand(b, fv).to(ctx.device)  # [B, Fv]
-        sa = flow.logit_normal([b], g).view(b, 1).expand(b, fa).to(ctx.device)  # [B, Fa]
+        ln = ctx.cfg.train.sigma
+        sv = flow.logit_normal([b], g, ln.mean, ln.std).view(b, 1).expand(b, fv)  # [B, Fv]
+        sa = flow.logit_normal([b], g, ln.mean, ln.std).view(b, 1).expand(b, fa)  # [B, Fa]
+        sv, sa = sv.to(ctx.device), sa.to(ctx.device)
         nv = flow.randn(video.shape, g, ctx.device, video.dtype)
         na = flow.randn(audio.shape, g, ctx.device, audio.dtype)
         xv, xa = flow.add_noise(video, nv, sv), flow.add_noise(audio, na, sa)
