@@ -185,7 +185,9 @@ def runs(
 
 
 def export_cmd(
-    checkpoint: Annotated[str, typer.Option(help="A teacher checkpoint folder (step-…).")],
+    checkpoint: Annotated[
+        str, typer.Option(help="A teacher checkpoint folder (step-…) or a teacher bundle.")
+    ],
     out: Annotated[str, typer.Option(help="Bundle folder to write.")],
     guide: Annotated[
         str | None,

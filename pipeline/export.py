@@ -52,8 +52,8 @@ def _any_bundle(ref: str | Path, what: str) -> tuple[Any, dict[str, Any]]:
         return checkpoint_bundle(d)
     if (d / "config.json").is_file():
         b = Bundle.from_pretrained(d)  # verifies the checksums: the config is not re-hashed
-        step = read_config(d, verify=False).get("extra", {}).get("step")
-        return b, {"source": str(d)} | ({"step": step} if step is not None else {})
+        extra = read_config(d, verify=False).get("extra", {})
+        return b, {"source": str(d)} | {k: extra[k] for k in ("step", "guide") if k in extra}
     raise FileNotFoundError(f"{what}={str(ref)!r}: neither a teacher checkpoint nor a bundle")
 
 
@@ -64,15 +64,20 @@ def export_checkpoint(
     guide_weight: float = 1.0,
     weights_dtype: str = "float32",
 ) -> Path:
-    """Write the checkpoint's bundle to `out_dir`; with `guide`, that checkpoint (or bundle) is
-    the weaker model of autoguidance at `guide_weight`; DiT weights stored in `weights_dtype`."""
+    """Write the teacher of `ckpt_dir` (a checkpoint folder, or a teacher bundle such as a
+    `pipeline.single` fine-tune's export) to `out_dir`; with `guide`, that checkpoint's (or
+    bundle's) DiT is the weaker model of autoguidance at `guide_weight` (a bundle's own guide is
+    kept when `guide` is None); DiT weights stored in `weights_dtype`."""
     from model.guidance import Guide
 
     if weights_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"--weights-dtype {weights_dtype!r}: one of {sorted(WEIGHT_DTYPES)}")
     if guide_weight < 0:
         raise ValueError(f"--guide-weight {guide_weight}: must be >= 0")
-    bundle, extra = checkpoint_bundle(ckpt_dir)
+    bundle, extra = _any_bundle(ckpt_dir, "--checkpoint")
+    if bundle.config.causal:
+        raise ValueError(f"--checkpoint {ckpt_dir}: a causal (student) bundle, not a teacher")
+    extra = {"stage": "teacher"} | extra
     if guide is not None:
         g, g_extra = _any_bundle(guide, "--guide")
         if _latents(g.config) != _latents(bundle.config):

@@ -219,6 +219,20 @@ def test_export_cli_attaches_a_guide_and_refuses_bad_input(tmp_path):
     assert res.exit_code != 0 and "neither a teacher checkpoint nor a bundle" in _flat(res.output)
     # The bundle written first is still whole after the refused exports.
     assert Bundle.from_pretrained(out).guide.weight == 0.5
+    # A teacher bundle re-exports (keeping its guide); a causal student is refused.
+    again = tmp_path / "again"
+    res = runner.invoke(app, ["export", "--checkpoint", str(out), "--out", str(again)])
+    assert res.exit_code == 0, res.output
+    b2 = Bundle.from_pretrained(again)
+    extra2 = json.loads((again / "config.json").read_text())["extra"]
+    assert b2.guide.weight == 0.5 and extra2["step"] == 9 and extra2["guide"]["step"] == 5
+    assert extra2["weights_dtype"] == "float32"
+    first, second = b.model.state_dict(), b2.model.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)  # fp16 weights widen losslessly
+    student = tiny_bundle(causal=True)
+    student.save_pretrained(tmp_path / "student")
+    res = runner.invoke(app, ["export", "--checkpoint", str(tmp_path / "student"), "--out", "x"])
+    assert res.exit_code != 0 and "a causal (student) bundle" in _flat(res.output)
 
 
 def test_a_guide_of_other_latents_is_refused(tmp_path):
