@@ -85,13 +85,19 @@ class EmaSection(_Strict):
     decay: float = Field(default=0.999, ge=0.0, le=1.0)
 
 
-class SigmaSection(_Strict):
-    """Teacher training σ ~ logit-normal(mean, std) (SD3's timestep sampling), per sample and
-    modality. A positive mean trains the high-noise end harder, where a clip's global motion is
-    decided (issue 8: the demo teacher's open-space turns are made at σ > 0.7)."""
-
+class LogitNormal(_Strict):
     mean: float = 0.0
     std: float = Field(default=1.0, gt=0.0)
+
+
+class SigmaSection(_Strict):
+    """Teacher training σ ~ logit-normal(mean, std) (SD3's timestep sampling), per sample, drawn
+    independently per modality. A positive video mean trains the high-noise end harder, where a
+    clip's global motion is decided (issue 8: the demo teacher's open-space turns are made at
+    σ > 0.7), while the audio keeps its low-noise precision (contact timing)."""
+
+    video: LogitNormal = LogitNormal()
+    audio: LogitNormal = LogitNormal()
 
 
 class TrainSection(_Strict):

@@ -32,6 +32,29 @@ def histories(uri: str, run: str, keys: tuple[str, ...], upto: int) -> dict[str,
     return out
 
 
+def fine_tune(record: dict, prefix: Path) -> None:
+    """Append a `pipeline.single train --init` continuation: its steps follow the run's, its
+    metric history joins the run's (steps offset), `steps` and the wall time grow by its own."""
+    from pipeline.single_record import load_weights
+
+    _, ft = load_weights(prefix)
+    base, train = record["steps"], ft["config"]["train"]
+    for k, rows in record["metrics"].items():
+        rows += [[base + r["step"], r[k]] for r in ft["metrics"] if k in r]
+    record["fine_tune"] = {
+        "by": ft["trained_by"] + " --init <the step above's bundle>",
+        "device": ft["device"],
+        "clips": ft["clips"],
+        "steps": ft["steps"],
+        "wall_minutes": round(ft["wall_s"] / 60, 1),
+        "lr": train["lr"],
+        "sigma": train.get("sigma"),
+        "batch_size": ft["config"]["data"]["batch_size"],
+    }
+    record["steps"] = base + ft["steps"]
+    record["wall_minutes_to_step"] += record["fine_tune"]["wall_minutes"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tracking-uri", required=True)
@@ -43,6 +66,11 @@ def main() -> None:
     ap.add_argument("--guide-weight", type=float, default=1.0)
     ap.add_argument("--weights-dtype", default="float32", help="as given to omniforcing export")
     ap.add_argument("--note", default="", help="hardware sharing, interruptions, resumes")
+    ap.add_argument(
+        "--fine-tune",
+        type=Path,
+        help="a `pipeline.single train --init` output (weights prefix) that continued --step",
+    )
     ap.add_argument("--out", type=Path, default=Path("pipeline/assets/demo-teacher-record"))
     args = ap.parse_args()
 
@@ -80,6 +108,8 @@ def main() -> None:
         "mlflow_run_id": args.run,
         "metrics": metrics,
     }
+    if args.fine_tune is not None:
+        fine_tune(record, args.fine_tune)
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "training.json", json.dumps(record, indent=1))
     loss_curve({k: metrics[k] for k in ("loss/video", "loss/audio")}, args.out / "loss.png")

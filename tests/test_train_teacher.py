@@ -33,18 +33,21 @@ def _sigmas(overrides: list[str], batch: int = 4096) -> tuple[torch.Tensor, torc
 
 
 def test_training_sigma_follows_train_sigma() -> None:
-    """train.sigma shifts the logit-normal σ draws (per modality, independent); the default is
-    the plain logit-normal(0, 1) earlier runs drew, so their resumes see the same noise."""
+    """train.sigma.{video,audio} shift each stream's logit-normal σ draws (independent per
+    modality); the default is the plain logit-normal(0, 1) earlier runs drew, so their resumes
+    see the same noise."""
     sv, sa = _sigmas([])
     g = torch.Generator().manual_seed(0)
     assert torch.equal(sv, flow.logit_normal([len(sv)], g))
     assert not torch.equal(sv, sa)
-    hv, ha = _sigmas(["train.sigma.mean=1.5", "train.sigma.std=0.5"])
-    for s in (hv, ha):
-        assert abs(float(s.median()) - float(torch.sigmoid(torch.tensor(1.5)))) < 0.01
-        assert float((s > 0.7).float().mean()) > 0.9 > float((sv > 0.7).float().mean())
-    with pytest.raises(ConfigError, match="train.sigma.std"):
-        load_config(CONFIG, ["train.sigma.std=0"])
+    hv, ha = _sigmas(["train.sigma.video.mean=1.5", "train.sigma.video.std=0.5"])
+    assert abs(float(hv.median()) - float(torch.sigmoid(torch.tensor(1.5)))) < 0.01
+    assert float((hv > 0.7).float().mean()) > 0.9 > float((sv > 0.7).float().mean())
+    assert abs(float(ha.median()) - 0.5) < 0.03  # the audio keeps the default
+    _, ha = _sigmas(["train.sigma.audio.mean=-1"])
+    assert abs(float(ha.median()) - float(torch.sigmoid(torch.tensor(-1.0)))) < 0.01
+    with pytest.raises(ConfigError, match="train.sigma.video.std"):
+        load_config(CONFIG, ["train.sigma.video.std=0"])
 
 
 def _s3_keys(endpoint: str, bucket: str, prefix: str) -> list[str]:

@@ -94,9 +94,9 @@ class TeacherStage:
     def _noised(self, video, audio, g: torch.Generator, ctx: WorkerContext):
         b, fv, fa = video.shape[0], video.shape[1], audio.shape[1]
         # Independent σ per sample and per modality; one σ for all frames of a stream.
-        ln = ctx.cfg.train.sigma
-        sv = flow.logit_normal([b], g, ln.mean, ln.std).view(b, 1).expand(b, fv)  # [B, Fv]
-        sa = flow.logit_normal([b], g, ln.mean, ln.std).view(b, 1).expand(b, fa)  # [B, Fa]
+        lv, la = ctx.cfg.train.sigma.video, ctx.cfg.train.sigma.audio
+        sv = flow.logit_normal([b], g, lv.mean, lv.std).view(b, 1).expand(b, fv)  # [B, Fv]
+        sa = flow.logit_normal([b], g, la.mean, la.std).view(b, 1).expand(b, fa)  # [B, Fa]
         sv, sa = sv.to(ctx.device), sa.to(ctx.device)
         nv = flow.randn(video.shape, g, ctx.device, video.dtype)
         na = flow.randn(audio.shape, g, ctx.device, audio.dtype)
