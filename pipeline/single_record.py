@@ -79,6 +79,11 @@ def export(prefix: Path, codecs: str, out: Path) -> Path:
     src = Bundle.from_pretrained(codecs)
     extra = {"stage": "teacher", "step": record["steps"], "source": str(prefix)}
     extra["trained_on"] = record["device"]
+    if record.get("init"):  # a fine-tune's steps continue its init bundle's
+        from model.bundle import read_config
+
+        start = read_config(Path(record["init"]), verify=False).get("extra", {}).get("step", 0)
+        extra |= {"step": start + record["steps"], "init": record["init"], "init_step": start}
     mcfg = cfg.build_model_config(causal=False)
     return write_bundle(cfg, mcfg, state, out, extra, (src.video_codec, src.audio_codec))
 

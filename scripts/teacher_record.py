@@ -51,6 +51,10 @@ def fine_tune(record: dict, prefix: Path) -> None:
         "sigma": train.get("sigma"),
         "batch_size": ft["config"]["data"]["batch_size"],
     }
+    record["exported"] = (
+        "python -m pipeline.single export --weights <fine-tune>/teacher --out <bundle>; "
+        + record["exported"].replace(f"<run>/step-{base:08d}", "<bundle>")
+    )
     record["steps"] = base + ft["steps"]
     record["wall_minutes_to_step"] += record["fine_tune"]["wall_minutes"]
 
@@ -118,7 +122,7 @@ def main() -> None:
         args.out / "reliance.png",
         "cross-modal reliance (loss with the other stream shuffled − paired)",
     )
-    print(f"wrote {args.out}/training.json, loss.png, reliance.png ({args.step} steps)")
+    print(f"wrote {args.out}/training.json, loss.png, reliance.png ({record['steps']} steps)")
 
 
 if __name__ == "__main__":

@@ -150,6 +150,9 @@ def test_render_train_export_log(tmp_path: Path, mlflow_uri: str) -> None:
         single_record.export(prefix, single.SHIPPED, tmp_path / "bundle")
     )
     assert bundle.config.layers == cfg.build_model_config(causal=False).layers
+    extra = json.loads((tmp_path / "bundle" / "config.json").read_text())["extra"]
+    shipped_step = json.loads((Path(single.SHIPPED) / "config.json").read_text())["extra"]["step"]
+    assert extra["init_step"] == shipped_step and extra["step"] == shipped_step + 3
     ema = {k[len("dit.") :]: v for k, v in state.items() if k.startswith("dit.")}
     exported = load_file(tmp_path / "bundle" / "model.safetensors")
     assert all(torch.equal(exported[k], ema[k]) for k in exported)
