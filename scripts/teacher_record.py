@@ -51,10 +51,6 @@ def fine_tune(record: dict, prefix: Path) -> None:
         "sigma": train.get("sigma"),
         "batch_size": ft["config"]["data"]["batch_size"],
     }
-    record["exported"] = (
-        "python -m pipeline.single export --weights <fine-tune>/teacher --out <bundle>; "
-        + record["exported"].replace(f"<run>/step-{base:08d}", "<bundle>")
-    )
     record["steps"] = base + ft["steps"]
     record["wall_minutes_to_step"] += record["fine_tune"]["wall_minutes"]
 
@@ -82,13 +78,18 @@ def main() -> None:
     from pipeline.plots import loss_curve
 
     metrics = histories(args.tracking_uri, args.run, KEYS + RELIANCE, args.step)
+    # A fine-tune is exported from its own bundle (`pipeline.single export`), not a run step.
+    before, source = "", f"<run>/step-{args.step:08d}"
+    if args.fine_tune is not None:
+        before = "python -m pipeline.single export --weights <fine-tune>/teacher --out <bundle>; "
+        source = "<bundle>"
     record = {
         "trained_by": "omniforcing train teacher --config configs/demo-teacher.yaml "
         "(data.path, codec_dir, storage, mlflow overridden to a scratch folder; --resume latest "
         "after each interruption)",
         "data": "omniforcing data synth --balls 1 --clips 2048 --seed 1 --shard-size 128; "
         "omniforcing data fit-codec --max-clips 256",
-        "exported": f"omniforcing export --checkpoint <run>/step-{args.step:08d} "
+        "exported": f"{before}omniforcing export --checkpoint {source} "
         + (
             f"--guide <run>/step-{args.guide_step:08d} --guide-weight {args.guide_weight} "
             if args.guide_step is not None
