@@ -139,6 +139,18 @@ def log_to_mlflow(run_id: str, reports: dict[str, dict], files: list[Path]) -> N
         client.log_artifact(run_id, str(f), "eval")
 
 
+def _load(ref: str, option: str) -> Any:
+    """A Bundle from a folder, `shipped` (the packaged demo teacher), a run id or a models:/ or
+    runs:/ URI; a failure names the option and the reference."""
+    from pipeline.distill.roles import bundle_uri
+    from pipeline.registry import load_bundle
+
+    try:
+        return load_bundle(bundle_uri(ref))
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"{option} {ref!r}: {err}") from None
+
+
 def collect(
     inputs: list[str],
     model: str | None,
@@ -152,8 +164,6 @@ def collect(
     balls: int = 1,
 ) -> dict[str, list[ev.EvalClip]]:
     """The named clip sets to evaluate, from exactly one source."""
-    from pipeline.registry import load_bundle
-
     given = [bool(inputs), bool(model), bool(compare), bool(shards)]
     if sum(given) != 1:
         raise typer.BadParameter(
@@ -169,7 +179,8 @@ def collect(
         truth = sets["shards"]
     else:
         named = {"teacher": compare[0], "student": compare[1]} if compare else {"model": model}
-        bundles = {name: load_bundle(uri) for name, uri in named.items()}
+        opt = "--compare" if compare else "--model"
+        bundles = {name: _load(ref, opt) for name, ref in named.items()}
         cfg = next(iter(bundles.values())).config
         truth = ev.world_clips(clips, seconds, seed, cfg.height, cfg.width, balls)
         prompts = [c.meta["caption"] for c in truth]
@@ -180,14 +191,16 @@ def collect(
         if codec_bundle is None:
             if not model:
                 raise typer.BadParameter("--ceiling needs codecs: add --model <bundle>")
-            codec_bundle = load_bundle(model)
+            codec_bundle = _load(model, "--model")
         sets["ceiling"] = ev.ceiling(codec_bundle, truth)
     return sets
 
 
 def eval_cmd(
     paths: list[str] = typer.Argument(None, help="mp4 files, folders or globs (+ sidecar .json)."),
-    model: str | None = typer.Option(None, help="Bundle dir or models:/name@alias to generate."),
+    model: str | None = typer.Option(
+        None, help="Bundle dir, `shipped`, a run id or models:/name@alias to generate."
+    ),
     compare: tuple[str, str] | None = typer.Option(
         None, help="TEACHER STUDENT bundles: same prompts and seeds, side by side."
     ),
@@ -205,11 +218,14 @@ def eval_cmd(
     ),
 ) -> None:
     """Sync error, share in sync vs chance, motion and caption adherence of world clips."""
+    from pipeline.commands import user_errors
+
     if paths == []:
         paths = None
-    sets = collect(
-        paths or [], model, compare, shards, clips, seconds, seed, ceiling, teacher_steps, balls
-    )
+    with user_errors():
+        sets = collect(
+            paths or [], model, compare, shards, clips, seconds, seed, ceiling, teacher_steps, balls
+        )
     reports = {name: ev.evaluate(cs, tol_ms / 1e3) for name, cs in sets.items()}
     Console().print(report_table(reports))
     files = [write_json(reports, out / "eval.json"), plot_clips(sets, reports, out / "eval.png")]

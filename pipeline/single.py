@@ -25,6 +25,7 @@ import functools
 import json
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -74,20 +75,40 @@ def render(clips: int, seed: int, codecs: str, out: Path, seconds: float = 5.04)
     print(f"rendered {clips} clips into {out}", flush=True)
 
 
-class RandomBatches:
-    """Batches drawn without replacement, epoch by epoch, from in-memory latents."""
+def _load_latents(d: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One `render` output → (video [N,Fv,h,w,C], audio [N,Fa,C], N captions)."""
+    missing = [f for f in ("video.npy", "audio.npy", "captions.json") if not (d / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"latents {d}: no {', '.join(missing)} (make them with `pipeline.single render`)"
+        )
+    return (
+        np.load(d / "video.npy"),
+        np.load(d / "audio.npy"),
+        json.loads((d / "captions.json").read_text()),
+    )
 
-    def __init__(self, d: Path, batch_size: int, seed: int) -> None:
-        missing = [f for f in ("video.npy", "audio.npy", "captions.json") if not (d / f).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"latents {d}: no {', '.join(missing)} (make them with `pipeline.single render`)"
-            )
-        self.video, self.audio = np.load(d / "video.npy"), np.load(d / "audio.npy")
-        self.captions = np.array(json.loads((d / "captions.json").read_text()))
+
+class RandomBatches:
+    """Batches drawn without replacement, epoch by epoch, from in-memory latents: one `render`
+    output or several, pooled (they must share clip shapes, i.e. codecs and clip length)."""
+
+    def __init__(self, dirs: Path | Sequence[Path], batch_size: int, seed: int) -> None:
+        dirs = [dirs] if isinstance(dirs, Path) else list(dirs)
+        parts = [_load_latents(d) for d in dirs]
+        for d, (v, a, _) in zip(dirs[1:], parts[1:], strict=True):
+            if v.shape[1:] != parts[0][0].shape[1:] or a.shape[1:] != parts[0][1].shape[1:]:
+                raise ValueError(
+                    f"latents {d}: clips of shape video {v.shape[1:]} / audio {a.shape[1:]}, but "
+                    f"{dirs[0]} has {parts[0][0].shape[1:]} / {parts[0][1].shape[1:]}"
+                )
+        self.video = np.concatenate([v for v, _, _ in parts]) if len(parts) > 1 else parts[0][0]
+        self.audio = np.concatenate([a for _, a, _ in parts]) if len(parts) > 1 else parts[0][1]
+        self.captions = np.array([c for _, _, caps in parts for c in caps])
         if batch_size > len(self.captions):
+            where = ", ".join(str(d) for d in dirs)
             raise ValueError(
-                f"data.batch_size={batch_size} exceeds the {len(self.captions)} clips in {d}"
+                f"data.batch_size={batch_size} exceeds the {len(self.captions)} clips in {where}"
             )
         self.batch_size, self.rng = batch_size, np.random.default_rng(seed)
         self.order, self.pos = self.rng.permutation(len(self.captions)), 0
@@ -107,12 +128,17 @@ def _with_steps(cfg: JobConfig, steps: int) -> JobConfig:
 
 
 def train(
-    cfg: JobConfig, latents: Path, minutes: float, out: Path, device: str, init: str | None = None
+    cfg: JobConfig,
+    latents: Path | Sequence[Path],
+    minutes: float,
+    out: Path,
+    device: str,
+    init: str | None = None,
 ) -> Path:
     """Train the teacher stage until `minutes` have passed (or `train.steps` are done); the
-    cosine horizon is then set from the step rate measured over steps 10–60. `init`: a teacher
-    Bundle to start from (weights and EMA). Returns the weights prefix
-    (`pipeline.single_record.save_weights`)."""
+    cosine horizon is then set from the step rate measured over steps 10–60. `latents`: one or
+    more `render` outputs, pooled. `init`: a teacher Bundle to start from (weights and EMA).
+    Returns the weights prefix (`pipeline.single_record.save_weights`)."""
     from pipeline.stages.teacher import TeacherStage
 
     start = time.time()
@@ -201,7 +227,13 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("train", help="train the teacher stage for a wall-clock budget")
     t.add_argument("--config", required=True)
     t.add_argument("--set", action="append", default=[], dest="overrides")
-    t.add_argument("--latents", type=Path, required=True)
+    t.add_argument(
+        "--latents",
+        type=Path,
+        action="append",
+        required=True,
+        help="a `render` output; repeat to pool several",
+    )
     t.add_argument("--minutes", type=float, required=True)
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -33,16 +33,17 @@ def histories(uri: str, run: str, keys: tuple[str, ...], upto: int) -> dict[str,
 
 
 def fine_tune(record: dict, prefix: Path) -> None:
-    """Append a `pipeline.single train --init` continuation: its steps follow the run's, its
-    metric history joins the run's (steps offset), `steps` and the wall time grow by its own."""
+    """Append a `pipeline.single train --init` continuation: its steps follow the record's so far,
+    its metric history joins the run's (steps offset), `steps` and the wall time grow by its own."""
     from pipeline.single_record import load_weights
 
     _, ft = load_weights(prefix)
     base, train = record["steps"], ft["config"]["train"]
     for k, rows in record["metrics"].items():
         rows += [[base + r["step"], r[k]] for r in ft["metrics"] if k in r]
-    record["fine_tune"] = {
-        "by": ft["trained_by"] + " --init <the step above's bundle>",
+    section = {
+        "by": ft["trained_by"] + " --init <the bundle of the steps before>",
+        "from_step": base,
         "device": ft["device"],
         "clips": ft["clips"],
         "steps": ft["steps"],
@@ -51,8 +52,9 @@ def fine_tune(record: dict, prefix: Path) -> None:
         "sigma": train.get("sigma"),
         "batch_size": ft["config"]["data"]["batch_size"],
     }
+    record.setdefault("fine_tunes", []).append(section)
     record["steps"] = base + ft["steps"]
-    record["wall_minutes_to_step"] += record["fine_tune"]["wall_minutes"]
+    record["wall_minutes_to_step"] += section["wall_minutes"]
 
 
 def main() -> None:
@@ -69,7 +71,10 @@ def main() -> None:
     ap.add_argument(
         "--fine-tune",
         type=Path,
-        help="a `pipeline.single train --init` output (weights prefix) that continued --step",
+        action="append",
+        default=[],
+        help="a `pipeline.single train --init` output (weights prefix) that continued --step, or "
+        "the fine-tune given before it; repeat in training order",
     )
     ap.add_argument("--out", type=Path, default=Path("pipeline/assets/demo-teacher-record"))
     args = ap.parse_args()
@@ -80,7 +85,7 @@ def main() -> None:
     metrics = histories(args.tracking_uri, args.run, KEYS + RELIANCE, args.step)
     # A fine-tune is exported from its own bundle (`pipeline.single export`), not a run step.
     before, source = "", f"<run>/step-{args.step:08d}"
-    if args.fine_tune is not None:
+    if args.fine_tune:
         before = "python -m pipeline.single export --weights <fine-tune>/teacher --out <bundle>; "
         source = "<bundle>"
     record = {
@@ -113,8 +118,8 @@ def main() -> None:
         "mlflow_run_id": args.run,
         "metrics": metrics,
     }
-    if args.fine_tune is not None:
-        fine_tune(record, args.fine_tune)
+    for prefix in args.fine_tune:
+        fine_tune(record, prefix)
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "training.json", json.dumps(record, indent=1))
     loss_curve({k: metrics[k] for k in ("loss/video", "loss/audio")}, args.out / "loss.png")

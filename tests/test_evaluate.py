@@ -109,6 +109,18 @@ def test_bad_inputs_name_the_problem(tmp_path, cli) -> None:
         ev.clips_from_mp4([str(tmp_path / "bad.mp4")])
     res = CliRunner().invoke(cli, ["eval", "--out", str(tmp_path)])
     assert res.exit_code != 0 and "exactly one source" in res.output
+    missing = str(tmp_path / "no-such-bundle")
+    res = CliRunner().invoke(cli, ["eval", "--model", missing, "--out", str(tmp_path)])
+    said = " ".join(res.output.split())  # rich wraps at the runner's terminal width
+    assert res.exit_code == 2 and f"error: --model '{missing}': bundle folder" in said, said
+    assert "Traceback" not in res.output and not (tmp_path / "eval.json").exists()
+
+
+def test_the_shipped_teacher_by_name(tmp_path, cli) -> None:
+    """`--model shipped` is the packaged demo teacher, as everywhere a teacher is named."""
+    args = ["--clips", "1", "--seconds", "1", "--teacher-steps", "2", "--out", str(tmp_path)]
+    cli_invoke(cli, ["eval", "--model", "shipped", *args])
+    assert json.loads((tmp_path / "eval.json").read_text())["model"]["n_clips"] == 1
 
 
 def cli_invoke(app: typer.Typer, args: list[str]):

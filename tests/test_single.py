@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -125,6 +126,27 @@ def test_batch_larger_than_the_data_is_named(tmp_path: Path) -> None:
     single.render(2, seed=0, codecs=single.SHIPPED, out=tmp_path)
     with pytest.raises(ValueError, match="data.batch_size=4 exceeds the 2 clips"):
         single.RandomBatches(tmp_path, 4, seed=0)
+
+
+def test_several_renders_are_pooled(tmp_path: Path) -> None:
+    """`train --latents A --latents B` draws from both; renders of another clip shape are named."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    single.render(2, seed=0, codecs=single.SHIPPED, out=a)
+    single.render(3, seed=5, codecs=single.SHIPPED, out=b)
+    pool = single.RandomBatches([a, b], 5, seed=0)
+    videos = np.concatenate([np.load(a / "video.npy"), np.load(b / "video.npy")])
+    caps = json.loads((a / "captions.json").read_text()) + json.loads(
+        (b / "captions.json").read_text()
+    )
+    batch = pool()  # one epoch of 5 clips: every clip of both renders once, caption with video
+    found = [
+        next(i for i, v in enumerate(videos) if np.array_equal(v, row)) for row in batch["video"]
+    ]
+    assert sorted(found) == [0, 1, 2, 3, 4]
+    assert [caps[i] for i in found] == batch["caption"].tolist()
+    np.save(b / "audio.npy", np.load(b / "audio.npy")[:, :-1])  # a shorter clip
+    with pytest.raises(ValueError, match=f"latents {b}: clips of shape"):
+        single.RandomBatches([a, b], 2, seed=0)
 
 
 @pytest.mark.slow
