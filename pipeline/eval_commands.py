@@ -141,12 +141,12 @@ def log_to_mlflow(run_id: str, reports: dict[str, dict], files: list[Path]) -> N
 
 def _load(ref: str, option: str) -> Any:
     """A Bundle from a folder, `shipped` (the packaged demo teacher), a run id or a models:/ or
-    runs:/ URI; a failure names the option and the reference."""
-    from pipeline.distill.roles import bundle_uri
-    from pipeline.registry import load_bundle
+    runs:/ URI, as the distillation roles resolve them; a failure names the option and the
+    reference."""
+    from pipeline.distill.roles import load_bundle_ref
 
     try:
-        return load_bundle(bundle_uri(ref))
+        return load_bundle_ref(ref, option)
     except (FileNotFoundError, ValueError) as err:
         raise ValueError(f"{option} {ref!r}: {err}") from None
 
