@@ -94,10 +94,13 @@ class SigmaSection(_Strict):
     """Teacher training σ ~ logit-normal(mean, std) (SD3's timestep sampling), per sample, drawn
     independently per modality. A positive video mean trains the high-noise end harder, where a
     clip's global motion is decided (issue 8: the demo teacher's open-space turns are made at
-    σ > 0.7), while the audio keeps its low-noise precision (contact timing)."""
+    σ > 0.7), while the audio keeps its low-noise precision (contact timing). `tied` is the share
+    of samples whose audio σ is set to their video σ: the condition the joint sampler runs in
+    (both streams at one σ), which independent draws rarely hit at the high-noise end."""
 
     video: LogitNormal = LogitNormal()
     audio: LogitNormal = LogitNormal()
+    tied: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 class TrainSection(_Strict):

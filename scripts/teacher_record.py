@@ -8,6 +8,11 @@ Reads the run's metric histories up to `--step` (loss per modality, cross-modal 
 norm) and writes `training.json` (hardware, steps, wall time, histories) plus `loss.png` and
 `reliance.png`, each atomically. The eval JSON/PNG come from `omniforcing eval --out`; this script
 only records how the weights were made, so the record can be regenerated rather than hand-edited.
+
+A later fine-tune extends the shipped record instead (the run's MLflow store need not be kept):
+
+    python scripts/teacher_record.py --extend pipeline/assets/demo-teacher-record/training.json \
+        --fine-tune <pipeline.single train output>/teacher --weights-dtype float16 --note "..."
 """
 
 from __future__ import annotations
@@ -57,30 +62,9 @@ def fine_tune(record: dict, prefix: Path) -> None:
     record["wall_minutes_to_step"] += section["wall_minutes"]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tracking-uri", required=True)
-    ap.add_argument("--run", required=True, help="MLflow run id of `omniforcing train teacher`")
-    ap.add_argument("--step", type=int, required=True, help="the exported checkpoint's step")
-    ap.add_argument("--wall-minutes", type=float, required=True)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--guide-step", type=int, help="autoguidance: the guide checkpoint's step")
-    ap.add_argument("--guide-weight", type=float, default=1.0)
-    ap.add_argument("--weights-dtype", default="float32", help="as given to omniforcing export")
-    ap.add_argument("--note", default="", help="hardware sharing, interruptions, resumes")
-    ap.add_argument(
-        "--fine-tune",
-        type=Path,
-        action="append",
-        default=[],
-        help="a `pipeline.single train --init` output (weights prefix) that continued --step, or "
-        "the fine-tune given before it; repeat in training order",
-    )
-    ap.add_argument("--out", type=Path, default=Path("pipeline/assets/demo-teacher-record"))
-    args = ap.parse_args()
-
-    from benchmarks.report import machine_cpu, write_atomic
-    from pipeline.plots import loss_curve
+def base_record(args: argparse.Namespace) -> dict:
+    """The record of the MLflow run up to --step: what the fine-tunes are appended to."""
+    from benchmarks.report import machine_cpu
 
     metrics = histories(args.tracking_uri, args.run, KEYS + RELIANCE, args.step)
     # A fine-tune is exported from its own bundle (`pipeline.single export`), not a run step.
@@ -118,10 +102,63 @@ def main() -> None:
         "mlflow_run_id": args.run,
         "metrics": metrics,
     }
+    return record
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tracking-uri")
+    ap.add_argument("--run", help="MLflow run id of `omniforcing train teacher`")
+    ap.add_argument("--step", type=int, help="the exported checkpoint's step")
+    ap.add_argument("--wall-minutes", type=float)
+    ap.add_argument(
+        "--extend",
+        type=Path,
+        help="a training.json written before: its record, the run's histories included, is the "
+        "base the --fine-tune sections are appended to (no MLflow store needed)",
+    )
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--guide-step", type=int, help="autoguidance: the guide checkpoint's step")
+    ap.add_argument("--guide-weight", type=float, default=1.0)
+    ap.add_argument("--weights-dtype", default="float32", help="as given to omniforcing export")
+    ap.add_argument("--note", default="", help="hardware sharing, interruptions, resumes")
+    ap.add_argument(
+        "--fine-tune",
+        type=Path,
+        action="append",
+        default=[],
+        help="a `pipeline.single train --init` output (weights prefix) that continued --step, or "
+        "the fine-tune given before it; repeat in training order",
+    )
+    ap.add_argument("--out", type=Path, default=Path("pipeline/assets/demo-teacher-record"))
+    args = ap.parse_args()
+
+    from benchmarks.report import write_atomic
+    from pipeline.plots import loss_curve
+
+    if args.extend is not None:
+        if not args.fine_tune:
+            ap.error("--extend needs at least one --fine-tune to append")
+        record = json.loads(args.extend.read_text())
+        # Its `exported` line already reads `pipeline.single export` + `omniforcing export`.
+        record["hardware"]["note"] = " ".join(
+            x for x in (record["hardware"]["note"], args.note) if x
+        )
+    else:
+        missing = [
+            o for o in ("tracking_uri", "run", "step", "wall_minutes") if getattr(args, o) is None
+        ]
+        if missing:
+            ap.error(
+                "without --extend these are required: "
+                + ", ".join("--" + o.replace("_", "-") for o in missing)
+            )
+        record = base_record(args)
     for prefix in args.fine_tune:
         fine_tune(record, prefix)
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "training.json", json.dumps(record, indent=1))
+    metrics = record["metrics"]
     loss_curve({k: metrics[k] for k in ("loss/video", "loss/audio")}, args.out / "loss.png")
     loss_curve(
         {k: metrics[k] for k in RELIANCE},

@@ -50,6 +50,19 @@ def test_training_sigma_follows_train_sigma() -> None:
         load_config(CONFIG, ["train.sigma.video.std=0"])
 
 
+def test_tied_sigma_gives_that_share_of_samples_one_sigma() -> None:
+    """train.sigma.tied = p: about p of the samples train at the joint sampler's condition (audio
+    σ = video σ); the rest keep independent draws; out-of-range shares are refused by key path."""
+    sv, sa = _sigmas(["train.sigma.tied=0.5", "train.sigma.video.mean=1"])
+    same = sv == sa
+    assert 0.3 < float(same.float().mean()) < 0.7
+    assert float(sa[~same].median()) < 0.6 < float(sv.median())  # untied audio keeps mean 0
+    sv1, sa1 = _sigmas(["train.sigma.tied=1"])
+    assert torch.equal(sv1, sa1)
+    with pytest.raises(ConfigError, match="train.sigma.tied"):
+        load_config(CONFIG, ["train.sigma.tied=1.5"])
+
+
 def _s3_keys(endpoint: str, bucket: str, prefix: str) -> list[str]:
     s3 = boto3.client(
         "s3",

@@ -97,6 +97,10 @@ class TeacherStage:
         lv, la = ctx.cfg.train.sigma.video, ctx.cfg.train.sigma.audio
         sv = flow.logit_normal([b], g, lv.mean, lv.std).view(b, 1).expand(b, fv)  # [B, Fv]
         sa = flow.logit_normal([b], g, la.mean, la.std).view(b, 1).expand(b, fa)  # [B, Fa]
+        tied = ctx.cfg.train.sigma.tied
+        if tied > 0:  # drawn only when asked, so untied runs keep their random stream
+            same = (torch.rand(b, generator=g) < tied).view(b, 1)
+            sa = torch.where(same, sv[:, :1], sa)
         sv, sa = sv.to(ctx.device), sa.to(ctx.device)
         nv = flow.randn(video.shape, g, ctx.device, video.dtype)
         na = flow.randn(audio.shape, g, ctx.device, audio.dtype)
