@@ -12,7 +12,7 @@ only records how the weights were made, so the record can be regenerated rather 
 A later fine-tune extends the shipped record instead (the run's MLflow store need not be kept):
 
     python scripts/teacher_record.py --extend pipeline/assets/demo-teacher-record/training.json \
-        --fine-tune <pipeline.single train output>/teacher --weights-dtype float16 --note "..."
+        --fine-tune <pipeline.single train output>/teacher --note "..."
 """
 
 from __future__ import annotations
@@ -139,6 +139,8 @@ def main() -> None:
     if args.extend is not None:
         if not args.fine_tune:
             ap.error("--extend needs at least one --fine-tune to append")
+        if not args.extend.is_file():
+            ap.error(f"--extend {args.extend}: no such training.json")
         record = json.loads(args.extend.read_text())
         # Its `exported` line already reads `pipeline.single export` + `omniforcing export`.
         record["hardware"]["note"] = " ".join(
