@@ -4,7 +4,8 @@ On disk (`save_pretrained`): `config.json` (model config, text-encoder config, c
 configs), `model.safetensors`, `text.safetensors`, `codecs.safetensors` and `manifest.json` with
 the sha256 of each file; a teacher that samples with autoguidance (`model.guidance.Guide`) adds
 `guide.safetensors` + `guide_text.safetensors` and a "guide" entry (its model and text-encoder
-configs, its weight) in config.json. DiT weights may be stored in a narrower float dtype
+configs, its weight) in config.json; one that samples on a staggered schedule says so in a
+"sampler" entry (`stagger`: Δ of `flow.staggered_sigmas`). DiT weights may be stored in a narrower float dtype
 (`weights_dtype`: the shipped demo teacher is fp16 on disk) and load as fp32 (or in the `dtype`
 asked for). Written into a temporary sibling folder and renamed into place, so a crash never
 leaves a half-written bundle. Loading verifies the checksums and refuses a
@@ -105,6 +106,7 @@ class Bundle:
     audio_codec: Any
     text_encoder: WordTextEncoder
     guide: Guide | None = None  # autoguidance for the teacher's samplers (model.guidance)
+    stagger: float = 0.0  # the teacher sampler's Δ (flow.staggered_sigmas); 0: joint schedule
 
     @property
     def config(self) -> ModelConfig:
@@ -148,6 +150,8 @@ class Bundle:
                 },
                 "extra": extra or {},
             }
+            if self.stagger:
+                config["sampler"] = {"stagger": float(self.stagger)}
             files = FILES
             if self.guide is not None:
                 g = self.guide
@@ -208,7 +212,7 @@ class Bundle:
                 float(g["weight"]),
             )
             guide.model.requires_grad_(False)
-        bundle = cls(model.eval(), codecs[0], codecs[1], text.eval(), guide)
+        bundle = cls(model.eval(), codecs[0], codecs[1], text.eval(), guide, _stagger(config, d))
         return bundle.to(device) if device is not None else bundle
 
 
@@ -227,6 +231,16 @@ def _load_text(config: dict[str, Any], path: Path) -> WordTextEncoder:
     text = WordTextEncoder.from_config(config)
     load_state_strict(text, load_file(path), str(path))
     return text
+
+
+def _stagger(config: dict[str, Any], directory: Path) -> float:
+    """The "sampler" entry's Δ (0 without one); anything but a number ≥ 0 is named."""
+    value = config.get("sampler", {}).get("stagger", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise BundleError(
+            f"{directory}/config.json: sampler.stagger must be a number ≥ 0, got {value!r}"
+        )
+    return float(value)
 
 
 def read_config(directory: Path, verify: bool = True) -> dict[str, Any]:

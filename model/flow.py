@@ -71,6 +71,26 @@ def ltx2_sigmas(steps: int, n_tokens: int = 4096, terminal: float = 0.1) -> torc
     return s.float()
 
 
+def staggered_sigmas(
+    table: torch.Tensor, tau: torch.Tensor, delta: torch.Tensor, n_frames: int
+) -> torch.Tensor:
+    """Per-frame σ [B, F] of a staggered schedule (earlier frames cleaner, as in diffusion forcing).
+
+    Frame f of F sits at relative time u = f / (F − 1) and has progress p = clamp(τ(1 + Δ) − Δu,
+    0, 1) along `table` (a decreasing σ table, `ltx2_sigmas`), interpolated linearly; Δ = 0 is the
+    joint schedule (every frame at table(τ)). τ, Δ: [B]. The teacher stage trains at these σ and
+    `euler_sample_staggered` samples along them, so both read one definition.
+    """
+    u = torch.linspace(0.0, 1.0, n_frames, dtype=torch.float64)
+    tau, delta = tau.double()[:, None], delta.double()[:, None]
+    last = len(table) - 1
+    p = (tau * (1 + delta) - delta * u).clamp(0.0, 1.0) * last  # [B, F] in table steps
+    i = p.floor().long().clamp(max=last - 1)
+    frac = p - i
+    t = table.double()
+    return (t[i] * (1 - frac) + t[i + 1] * frac).float()
+
+
 def sigma_from_timestep(t: torch.Tensor, n_tokens: int = 4096) -> torch.Tensor:
     """DMD's σ for integer timesteps t ∈ [0, 1000] under the LTX-2 shift (a lookup, no table)."""
     return shift_sigma(t.double() / 1000.0, ltx2_shift(n_tokens)).float()
@@ -103,6 +123,31 @@ def euler_sample(
         vv, va = velocity(xv, xa, s)
         xv = xv + (s_next - s) * vv.to(xv.dtype)
         xa = xa + (s_next - s) * va.to(xa.dtype)
+    return xv, xa
+
+
+def euler_sample_staggered(
+    velocity: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    noise_v: torch.Tensor,
+    noise_a: torch.Tensor,
+    table: torch.Tensor,
+    delta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euler along `staggered_sigmas`: round(steps (1 + Δ)) global steps, each moving every frame
+    from its σ at τ_k to its σ at τ_k+1 (frames not started or finished do not move), so each
+    frame still crosses the table in about `steps` steps. `velocity(x_v, x_a, σ_v [B,Fv],
+    σ_a [B,Fa])` takes per-frame σ. Δ = 0 is `euler_sample` on `table`."""
+    b, fv, fa = noise_v.shape[0], noise_v.shape[1], noise_a.shape[1]
+    n = max(1, round((len(table) - 1) * (1 + delta)))
+    d = torch.full((b,), float(delta))
+    xv, xa = noise_v, noise_a
+    for k in range(n):
+        t0, t1 = torch.full((b,), k / n), torch.full((b,), (k + 1) / n)
+        sv0, sv1 = staggered_sigmas(table, t0, d, fv), staggered_sigmas(table, t1, d, fv)
+        sa0, sa1 = staggered_sigmas(table, t0, d, fa), staggered_sigmas(table, t1, d, fa)
+        vv, va = velocity(xv, xa, sv0.to(xv.device), sa0.to(xa.device))
+        xv = xv + _b((sv1 - sv0).to(xv.device), xv) * vv.to(xv.dtype)
+        xa = xa + _b((sa1 - sa0).to(xa.device), xa) * va.to(xa.dtype)
     return xv, xa
 
 

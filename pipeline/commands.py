@@ -200,12 +200,19 @@ def export_cmd(
     weights_dtype: Annotated[
         str, typer.Option(help="DiT weights on disk: float32, float16 or bfloat16.")
     ] = "float32",
+    stagger: Annotated[
+        float | None,
+        typer.Option(
+            help="The teacher sampler's Δ: frames on a staggered schedule, earlier ones cleaner "
+            "(for a teacher trained with train.sigma.stagger); 0 = joint. Default: the bundle's."
+        ),
+    ] = None,
 ) -> None:
     """Export a teacher checkpoint's EMA weights + codecs + text encoder as a Bundle."""
     from pipeline.export import export_checkpoint
 
     with user_errors():
-        path = export_checkpoint(checkpoint, out, guide, guide_weight, weights_dtype)
+        path = export_checkpoint(checkpoint, out, guide, guide_weight, weights_dtype, stagger)
     console.print(f"[green]exported[/] {path}")
 
 

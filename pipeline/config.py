@@ -96,11 +96,16 @@ class SigmaSection(_Strict):
     clip's global motion is decided (issue 8: the demo teacher's open-space turns are made at
     σ > 0.7), while the audio keeps its low-noise precision (contact timing). `tied` is the share
     of samples whose audio σ is set to their video σ: the condition the joint sampler runs in
-    (both streams at one σ), which independent draws rarely hit at the high-noise end."""
+    (both streams at one σ), which independent draws rarely hit at the high-noise end.
+    `stagger` is the share of samples drawn instead on a staggered schedule (`flow.
+    staggered_sigmas`: τ ~ U(0, 1), Δ ~ U(0, `stagger_max`), earlier frames cleaner), the
+    condition of the staggered teacher sampler, where each frame is denoised seeing a cleaner past."""
 
     video: LogitNormal = LogitNormal()
     audio: LogitNormal = LogitNormal()
     tied: float = Field(default=0.0, ge=0.0, le=1.0)
+    stagger: float = Field(default=0.0, ge=0.0, le=1.0)
+    stagger_max: float = Field(default=3.0, ge=0.0)
 
 
 class TrainSection(_Strict):

@@ -150,6 +150,7 @@ def generate(
                 gen,
                 steps=teacher_steps,
                 guide=bundle.guide,  # the sampler the teacher ships with (autoguidance)
+                stagger=bundle.stagger,  # and its schedule
             )
             frames, audio = decode_clip(bundle, v[0], a[0])
         meta = {

@@ -63,17 +63,21 @@ def export_checkpoint(
     guide: str | Path | None = None,
     guide_weight: float = 1.0,
     weights_dtype: str = "float32",
+    stagger: float | None = None,
 ) -> Path:
     """Write the teacher of `ckpt_dir` (a checkpoint folder, or a teacher bundle such as a
     `pipeline.single` fine-tune's export) to `out_dir`; with `guide`, that checkpoint's (or
     bundle's) DiT is the weaker model of autoguidance at `guide_weight` (a bundle's own guide is
-    kept when `guide` is None); DiT weights stored in `weights_dtype`."""
+    kept when `guide` is None); DiT weights stored in `weights_dtype`; `stagger` sets the
+    sampler's Δ (`flow.staggered_sigmas`; the bundle's own when None)."""
     from model.guidance import Guide
 
     if weights_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"--weights-dtype {weights_dtype!r}: one of {sorted(WEIGHT_DTYPES)}")
     if guide_weight < 0:
         raise ValueError(f"--guide-weight {guide_weight}: must be >= 0")
+    if stagger is not None and stagger < 0:
+        raise ValueError(f"--stagger {stagger}: must be >= 0")
     bundle, extra = _any_bundle(ckpt_dir, "--checkpoint")
     if bundle.config.causal:
         raise ValueError(f"--checkpoint {ckpt_dir}: a causal (student) bundle, not a teacher")
@@ -90,6 +94,8 @@ def export_checkpoint(
         extra["guide"] = {"weight": float(guide_weight)} | {
             k: v for k, v in g_extra.items() if k in ("step", "source")
         }
+    if stagger is not None:
+        bundle.stagger = float(stagger)
     extra["weights_dtype"] = weights_dtype
     return bundle.save_pretrained(out_dir, extra, WEIGHT_DTYPES[weights_dtype])
 

@@ -63,6 +63,26 @@ def test_tied_sigma_gives_that_share_of_samples_one_sigma() -> None:
         load_config(CONFIG, ["train.sigma.tied=1.5"])
 
 
+def test_staggered_sigma_share_trains_the_staggered_sampler_condition() -> None:
+    """train.sigma.stagger = p: about p of the samples get per-frame σ on `flow.staggered_sigmas`
+    (earlier frames cleaner, floored at 0.02, audio and video on one τ and Δ); the rest keep one
+    σ per stream; out-of-range shares are refused by key path."""
+    cfg = load_config(CONFIG, ["train.sigma.stagger=0.5", "train.sigma.stagger_max=3"])
+    ctx = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), dtype=torch.float32)
+    stage = TeacherStage()
+    stage.mcfg = cfg.build_model_config(causal=False)
+    video, audio = torch.zeros(2048, 6, 1, 1, 1), torch.zeros(2048, 26, 1)
+    _, _, sv, sa, _, _ = stage._noised(video, audio, torch.Generator().manual_seed(0), ctx)
+    staggered = (sv != sv[:, :1]).any(1)
+    assert 0.4 < float(staggered.float().mean()) < 0.6
+    assert torch.all(sv[staggered, 1:] >= sv[staggered, :-1]) and float(sv.min()) > 0.0199
+    # One schedule for both streams: the first and last frames of each sit at the same σ.
+    torch.testing.assert_close(sv[staggered][:, [0, -1]], sa[staggered][:, [0, -1]])
+    assert (sa[~staggered] == sa[~staggered][:, :1]).all()
+    with pytest.raises(ConfigError, match="train.sigma.stagger"):
+        load_config(CONFIG, ["train.sigma.stagger=2"])
+
+
 def _s3_keys(endpoint: str, bucket: str, prefix: str) -> list[str]:
     s3 = boto3.client(
         "s3",

@@ -72,9 +72,15 @@ def teacher_trajectory(
     steps: int = 40,
     scales: tuple[float, float] = (3.0, 5.0),
     guide: Guide | None = None,
+    stagger: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(traj_v [B,K+1,Fv,h,w,C], traj_a [B,K+1,Fa,C], σ [K+1]) at the student's σ + clean end,
     float32 on the model's device.
+
+    A teacher that samples on a staggered schedule (`stagger` Δ > 0, a bundle's `stagger`) has
+    no joint-σ states on its path: its clean end is the staggered Euler sample of the noise and
+    the states at the student's σ are (1 − σ)·end + σ·noise (the reflow coupling; the student's
+    own re-noised inputs at inference are of that form).
 
     `shapes` = (video [Fv,h,w,C], audio [Fa,C]) of one clip; `seeds` one per caption. The ODE
     state is integrated in fp32 whatever the model's dtype: a bf16 state (8-bit mantissa) would
@@ -92,6 +98,10 @@ def teacher_trajectory(
     null = text_encoder([""])
     bound = bind(guide, captions)  # the bundle's autoguidance
     n_tokens = vshape[0] * model.cfg.video_tokens_per_frame + ashape[0]
+    if stagger > 0:
+        return _reflow_trajectory(
+            model, xv, xa, (text, null, scales, bound), student_sigmas, steps, n_tokens, stagger
+        )
     sched = merged_schedule(student_sigmas, steps, n_tokens)
     want = [float(s) for s in student_sigmas] + [0.0]
     rec_v: dict[int, torch.Tensor] = {}
@@ -111,6 +121,31 @@ def teacher_trajectory(
         xa = xa + (nxt - s) * (xa - x0a) / s
     traj_v = torch.stack([rec_v[j] for j in range(len(want))], 1)
     traj_a = torch.stack([rec_a[j] for j in range(len(want))], 1)
+    return traj_v, traj_a, torch.tensor(want)
+
+
+def _reflow_trajectory(
+    model: AVDiT,
+    nv: torch.Tensor,
+    na: torch.Tensor,
+    cond: tuple,
+    student_sigmas: Sequence[float],
+    steps: int,
+    n_tokens: int,
+    stagger: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`teacher_trajectory` for a staggered sampler: noise [B, F, ...] → clean end on
+    `flow.staggered_sigmas`, then the straight-line states at the student's σ."""
+    text, null, scales, bound = cond
+
+    def velocity(xv, xa, sv, sa):
+        return teacher_velocity(model, xv, xa, sv, sa, text, null, scales, bound)
+
+    table = flow.ltx2_sigmas(steps, n_tokens)
+    ev, ea = flow.euler_sample_staggered(velocity, nv, na, table, stagger)
+    want = [float(s) for s in student_sigmas] + [0.0]
+    traj_v = torch.stack([flow.add_noise(ev, nv, s) for s in want], 1)
+    traj_a = torch.stack([flow.add_noise(ea, na, s) for s in want], 1)
     return traj_v, traj_a, torch.tensor(want)
 
 
@@ -145,6 +180,7 @@ class TeacherScorer:
             self.steps,
             self.scales,
             self.bundle.guide,
+            self.bundle.stagger,
         )
         out = dict(batch)
         out["traj_video"] = traj_v.float().cpu().numpy()

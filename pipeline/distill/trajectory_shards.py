@@ -27,7 +27,7 @@ from pipeline.distill.trajectories import score_dataset
 def teacher_fingerprint(ref: str | os.PathLike) -> str:
     """sha256 of the teacher's model.safetensors (its manifest's entry); URIs are downloaded.
     A teacher that ships an autoguidance guide samples differently: its fingerprint also covers
-    the guide's weight files and weight w."""
+    the guide's weight files and weight w, and one on a staggered schedule its Δ."""
     from model.bundle import GUIDE_FILES, sha256_file
 
     d = Path(ref)
@@ -43,9 +43,13 @@ def teacher_fingerprint(ref: str | os.PathLike) -> str:
         return str(digests.get(name) or sha256_file(d / name))
 
     config = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
-    if "guide" not in config:
-        return digest("model.safetensors")
-    parts = [digest("model.safetensors"), *map(digest, GUIDE_FILES), str(config["guide"]["weight"])]
+    parts = [digest("model.safetensors")]
+    if "guide" in config:
+        parts += [*map(digest, GUIDE_FILES), str(config["guide"]["weight"])]
+    if config.get("sampler", {}).get("stagger"):
+        parts.append(f"stagger={config['sampler']['stagger']}")
+    if len(parts) == 1:
+        return parts[0]
     return hashlib.sha256(":".join(parts).encode()).hexdigest()
 
 

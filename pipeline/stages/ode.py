@@ -102,6 +102,7 @@ class OdeStage:
                 d.teacher_steps,
                 (d.ode_cfg_video, d.ode_cfg_audio),
                 self.teacher.guide,
+                self.teacher.stagger,
             )
             for j, i in enumerate(todo):  # fp32 ODE states → the student's compute dtype
                 self._traj[keys[i]] = (tv[j].to(ctx.dtype), ta[j].to(ctx.dtype), sig)

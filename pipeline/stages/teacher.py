@@ -101,12 +101,28 @@ class TeacherStage:
         if tied > 0:  # drawn only when asked, so untied runs keep their random stream
             same = (torch.rand(b, generator=g) < tied).view(b, 1)
             sa = torch.where(same, sv[:, :1], sa)
+        sv, sa = self._staggered(sv, sa, g, ctx)
         sv, sa = sv.to(ctx.device), sa.to(ctx.device)
         nv = flow.randn(video.shape, g, ctx.device, video.dtype)
         na = flow.randn(audio.shape, g, ctx.device, audio.dtype)
         xv, xa = flow.add_noise(video, nv, sv), flow.add_noise(audio, na, sa)
         tv, ta = flow.velocity_target(video, nv), flow.velocity_target(audio, na)
         return xv, xa, sv.to(ctx.dtype), sa.to(ctx.dtype), tv, ta
+
+    def _staggered(self, sv, sa, g: torch.Generator, ctx: WorkerContext):
+        """A `train.sigma.stagger` share of the samples moved to per-frame staggered σ [B, F]
+        (drawn only when asked, so other runs keep their random stream). σ ≥ 0.02: a finished
+        frame of the sampler (σ 0) has no velocity target worth fitting."""
+        sig = ctx.cfg.train.sigma
+        if sig.stagger <= 0:
+            return sv, sa
+        b, fv, fa = sv.shape[0], sv.shape[1], sa.shape[1]
+        pick = (torch.rand(b, generator=g) < sig.stagger).view(b, 1)
+        tau, delta = torch.rand(b, generator=g), torch.rand(b, generator=g) * sig.stagger_max
+        table = flow.ltx2_sigmas(40, n_tokens=fv * self.mcfg.video_tokens_per_frame + fa)
+        stv = flow.staggered_sigmas(table, tau, delta, fv).clamp(min=0.02)
+        sta = flow.staggered_sigmas(table, tau, delta, fa).clamp(min=0.02)
+        return torch.where(pick, stv, sv), torch.where(pick, sta, sa)
 
     def train_step(
         self, step: int, next_batch: Callable[[], Batch], ctx: WorkerContext
