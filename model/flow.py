@@ -62,6 +62,8 @@ def ltx2_sigmas(steps: int, n_tokens: int = 4096, terminal: float = 0.1) -> torc
     """[steps + 1] decreasing σ from 1 to 0: shifted, non-zero part stretched to end at `terminal`."""
     if steps < 1:
         raise ValueError(f"steps must be ≥ 1, got {steps}")
+    if steps == 1:  # no non-zero σ below 1 to stretch: one step from noise to clean
+        return torch.tensor([1.0, 0.0])
     lin = 1.0 - torch.arange(steps + 1, dtype=torch.float64) / steps
     s = shift_sigma(lin, ltx2_shift(n_tokens))
     nz = s[:-1]
@@ -124,6 +126,13 @@ def euler_sample(
         xv = xv + (s_next - s) * vv.to(xv.dtype)
         xa = xa + (s_next - s) * va.to(xa.dtype)
     return xv, xa
+
+
+def staggered_table(steps: int, delta: float, n_tokens: int = 4096) -> torch.Tensor:
+    """The σ table of a staggered sampler with the joint sampler's cost: each frame crosses
+    `ltx2_sigmas(round(steps / (1 + Δ)))`, which `euler_sample_staggered` walks in ≈ `steps`
+    global steps (forwards)."""
+    return ltx2_sigmas(max(1, round(steps / (1 + delta))), n_tokens)
 
 
 def euler_sample_staggered(

@@ -56,22 +56,24 @@ def sample_teacher(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher clip latents for `prompts`: 40-step Euler on the LTX-2 schedule, CFG per modality,
     autoguided by `guide` when given (a bundle's `guide`: the sampler it ships with). `stagger`
-    Δ > 0 runs the frames on `flow.staggered_sigmas` instead (earlier frames cleaner, ~(1 + Δ)
-    times the forwards); a teacher trained with `train.sigma.stagger` knows that condition."""
+    Δ > 0 runs the frames on `flow.staggered_sigmas` instead (earlier frames cleaner, at the same
+    number of forwards: `flow.staggered_table`); a teacher trained with `train.sigma.stagger` knows that condition."""
     p = next(model.parameters())
     text = text_encoder(list(prompts))
     null = text_encoder([""])
     vs, as_ = clip_shapes(model, seconds, len(prompts))
     nv = flow.randn(vs, generator, p.device, p.dtype)
     na = flow.randn(as_, generator, p.device, p.dtype)
-    sigmas = flow.ltx2_sigmas(steps, n_tokens=vs[1] * model.cfg.video_tokens_per_frame + as_[1])
+    n_tokens = vs[1] * model.cfg.video_tokens_per_frame + as_[1]
+    sigmas = flow.ltx2_sigmas(steps, n_tokens=n_tokens)
     bound = bind(guide, prompts)
     if stagger > 0:
 
         def per_frame(xv, xa, sv, sa):
             return teacher_velocity(model, xv, xa, sv, sa, text, null, cfg_scales, bound)
 
-        return flow.euler_sample_staggered(per_frame, nv, na, sigmas, stagger)
+        table = flow.staggered_table(steps, stagger, n_tokens)
+        return flow.euler_sample_staggered(per_frame, nv, na, table, stagger)
     vel = guided_velocity(model, text, null, cfg_scales, bound)
     return flow.euler_sample(vel, nv, na, sigmas)
 

@@ -24,6 +24,7 @@ def test_ltx2_sigmas_shape_and_terminal():
     assert s.shape == (41,) and s[0] == 1.0 and s[-1] == 0.0
     assert torch.all(s[1:] < s[:-1])
     assert abs(s[-2].item() - 0.1) < 1e-6  # stretched so the last non-zero σ is the terminal
+    assert flow.ltx2_sigmas(1).tolist() == [1.0, 0.0]  # one step: nothing to stretch, no NaN
 
 
 def test_guidance_convention():
@@ -97,3 +98,19 @@ def test_staggered_euler_is_exact_on_a_linear_field_and_plain_at_zero():
     )
     stag = flow.euler_sample_staggered(field, ev, ea, table, 0.0)
     torch.testing.assert_close(stag[0], plain[0]), torch.testing.assert_close(stag[1], plain[1])
+
+
+def test_staggered_table_keeps_the_joint_samplers_cost():
+    calls = []
+
+    def count(xv, xa, sv, sa):
+        calls.append(1)
+        return xv, xa
+
+    for steps, delta in ((40, 2.0), (40, 1.0), (16, 0.0), (4, 3.0)):
+        table = flow.staggered_table(steps, delta, n_tokens=300)
+        calls.clear()
+        flow.euler_sample_staggered(count, torch.zeros(1, 3, 1), torch.zeros(1, 5, 1), table, delta)
+        # round(steps / (1 + Δ)) table steps, walked in (1 + Δ) times as many global steps
+        assert abs(len(calls) - steps) <= (1 + delta) / 2 + 1e-9, (steps, delta, len(calls))
+        assert table[0] == 1.0 and table[-1] == 0.0

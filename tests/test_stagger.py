@@ -68,7 +68,9 @@ def test_trajectory_of_a_staggered_teacher_is_its_reflow_line(tmp_path) -> None:
         return teacher_velocity(b.model, xv, xa, sv, sa, text, null, (3.0, 5.0))
 
     n_tokens = 4 * b.config.video_tokens_per_frame + 26
-    ev, ea = flow.euler_sample_staggered(velocity, nv, na, flow.ltx2_sigmas(4, n_tokens), 2.0)
+    ev, ea = flow.euler_sample_staggered(
+        velocity, nv, na, flow.staggered_table(4, 2.0, n_tokens), 2.0
+    )
     torch.testing.assert_close(tv[:, -1], ev), torch.testing.assert_close(ta[:, -1], ea)
     torch.testing.assert_close(tv[:, 1], 0.5 * ev + 0.5 * nv)
     joint = teacher_trajectory(b.model, b.text_encoder, *args)

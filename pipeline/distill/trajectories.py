@@ -141,7 +141,7 @@ def _reflow_trajectory(
     def velocity(xv, xa, sv, sa):
         return teacher_velocity(model, xv, xa, sv, sa, text, null, scales, bound)
 
-    table = flow.ltx2_sigmas(steps, n_tokens)
+    table = flow.staggered_table(steps, stagger, n_tokens)
     ev, ea = flow.euler_sample_staggered(velocity, nv, na, table, stagger)
     want = [float(s) for s in student_sigmas] + [0.0]
     traj_v = torch.stack([flow.add_noise(ev, nv, s) for s in want], 1)
