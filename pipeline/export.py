@@ -2,7 +2,7 @@
 DeepSpeed, optionally with an autoguidance guide (`model.guidance`) and narrower weights on disk.
 
 The guide is an earlier checkpoint of the same run (or any teacher bundle with the same latent
-geometry): the shipped demo teacher (step 10000 of its run, fine-tuned to 17027) is guided by
+geometry): the shipped demo teacher (step 10000 of its run, fine-tuned to 18609) is guided by
 its step 5000, both stored in fp16 to stay under the repository's 25 MB budget
 (benchmarks/RESULTS.md, issue 8). It trains nothing and samples nothing.
 """

@@ -121,6 +121,11 @@ def main() -> None:
     ap.add_argument("--guide-step", type=int, help="autoguidance: the guide checkpoint's step")
     ap.add_argument("--guide-weight", type=float, default=1.0)
     ap.add_argument("--weights-dtype", default="float32", help="as given to omniforcing export")
+    ap.add_argument(
+        "--stagger",
+        type=float,
+        help="as given to omniforcing export: the sampler's Δ (recorded, and in `exported`)",
+    )
     ap.add_argument("--note", default="", help="hardware sharing, interruptions, resumes")
     ap.add_argument(
         "--fine-tune",
@@ -158,6 +163,11 @@ def main() -> None:
         record = base_record(args)
     for prefix in args.fine_tune:
         fine_tune(record, prefix)
+    if args.stagger is not None:
+        record["sampler"] = {"stagger": args.stagger}
+        head, sep, tail = record["exported"].partition(" --out pipeline/assets/demo-teacher")
+        head = head.split(" --stagger ")[0]  # a re-export replaces the Δ recorded before
+        record["exported"] = f"{head} --stagger {args.stagger:g}{sep}{tail}"
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "training.json", json.dumps(record, indent=1))
     metrics = record["metrics"]

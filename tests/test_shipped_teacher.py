@@ -34,6 +34,10 @@ def test_shipped_teacher_is_a_bidirectional_demo_teacher_with_fitted_codecs(ship
     assert guide is not None and guide.weight > 0 and record["guide"]["step"] < record["steps"]
     assert guide.model.cfg.video_latent_hw == cfg.video_latent_hw and not guide.model.cfg.causal
     assert not any(p.requires_grad for p in guide.model.parameters())
+    # It samples on the staggered schedule it was fine-tuned for, as its record says.
+    assert shipped.stagger > 0 and record["sampler"]["stagger"] == shipped.stagger
+    assert f"--stagger {shipped.stagger:g}" in record["exported"]
+    assert record["fine_tunes"][-1]["sigma"]["stagger"] > 0
 
 
 def test_a_modified_shipped_file_fails_clearly(tmp_path):
