@@ -57,7 +57,8 @@ def sample_teacher(
     """Teacher clip latents for `prompts`: 40-step Euler on the LTX-2 schedule, CFG per modality,
     autoguided by `guide` when given (a bundle's `guide`: the sampler it ships with). `stagger`
     Δ > 0 runs the frames on `flow.staggered_sigmas` instead (earlier frames cleaner, at the same
-    number of forwards: `flow.staggered_table`); a teacher trained with `train.sigma.stagger` knows that condition."""
+    number of forwards: `flow.staggered_table`); a teacher trained with `train.sigma.stagger`
+    knows that condition."""
     p = next(model.parameters())
     text = text_encoder(list(prompts))
     null = text_encoder([""])

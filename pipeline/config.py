@@ -99,7 +99,7 @@ class SigmaSection(_Strict):
     (both streams at one σ), which independent draws rarely hit at the high-noise end.
     `stagger` is the share of samples drawn instead on a staggered schedule (`flow.
     staggered_sigmas`: τ ~ U(0, 1), Δ ~ U(0, `stagger_max`), earlier frames cleaner), the
-    condition of the staggered teacher sampler, where each frame is denoised seeing a cleaner past."""
+    condition of the staggered teacher sampler, each frame denoised seeing a cleaner past."""
 
     video: LogitNormal = LogitNormal()
     audio: LogitNormal = LogitNormal()
