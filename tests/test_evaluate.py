@@ -90,7 +90,13 @@ def test_mp4_files_it_did_not_make(tmp_path, cli) -> None:
     assert [c.key for c in clips] == ["clip3", "clip4"]
     assert "caption" in clips[0].meta and "caption" not in clips[1].meta
     report = ev.evaluate(clips)
-    assert report["contact_recall"] >= 0.9 and report["median_offset_ms"] < 15
+    # Seen once (session 11, a clean-clone CI): 19 contacts at 37 % where 10 at 100 % are usual,
+    # not reproduced in isolation or in suite order; the detail says which side moved next time.
+    detail = [
+        (len(r["contacts"]), len(r["onsets"]), clips[i].frames.shape)
+        for i, r in enumerate(report["clips"])
+    ]
+    assert report["contact_recall"] >= 0.9 and report["median_offset_ms"] < 15, detail
     assert report["pitch_acc"] == 1.0 and report["colour_acc"] == 1.0
     assert [("direction_ok" in r) for r in report["clips"]] == [True, False]
     out = tmp_path / "out"
