@@ -149,14 +149,15 @@ def euler_sample_staggered(
     b, fv, fa = noise_v.shape[0], noise_v.shape[1], noise_a.shape[1]
     n = max(1, round((len(table) - 1) * (1 + delta)))
     d = torch.full((b,), float(delta))
+    tau = [torch.full((b,), k / n) for k in range(n + 1)]  # global times
+    # Every step's per-frame σ once: [n + 1, B, F] (step k runs from row k to row k + 1).
+    sv = torch.stack([staggered_sigmas(table, t, d, fv) for t in tau]).to(noise_v.device)
+    sa = torch.stack([staggered_sigmas(table, t, d, fa) for t in tau]).to(noise_a.device)
     xv, xa = noise_v, noise_a
     for k in range(n):
-        t0, t1 = torch.full((b,), k / n), torch.full((b,), (k + 1) / n)
-        sv0, sv1 = staggered_sigmas(table, t0, d, fv), staggered_sigmas(table, t1, d, fv)
-        sa0, sa1 = staggered_sigmas(table, t0, d, fa), staggered_sigmas(table, t1, d, fa)
-        vv, va = velocity(xv, xa, sv0.to(xv.device), sa0.to(xa.device))
-        xv = xv + _b((sv1 - sv0).to(xv.device), xv) * vv.to(xv.dtype)
-        xa = xa + _b((sa1 - sa0).to(xa.device), xa) * va.to(xa.dtype)
+        vv, va = velocity(xv, xa, sv[k], sa[k])
+        xv = xv + _b(sv[k + 1] - sv[k], xv) * vv.to(xv.dtype)
+        xa = xa + _b(sa[k + 1] - sa[k], xa) * va.to(xa.dtype)
     return xv, xa
 
 

@@ -31,12 +31,29 @@ def guided_velocity(
     cfg_scales: tuple[float, float],
     guide: BoundGuide | None = None,
 ):
-    """A denoiser (x_v, x_a, σ) → guided velocities (`guidance.teacher_velocity`: CFG with cond
-    and uncond as one batch, plus autoguidance when `guide` is given)."""
+    """A denoiser (x_v, x_a, σ) → guided velocities, every frame at one σ (`frame_velocity`)."""
+    per_frame = frame_velocity(model, text, null_text, cfg_scales, guide)
 
     def velocity(xv, xa, s):
         sv = torch.full(xv.shape[:2], float(s), device=xv.device)
         sa = torch.full(xa.shape[:2], float(s), device=xa.device)
+        return per_frame(xv, xa, sv, sa)
+
+    return velocity
+
+
+def frame_velocity(
+    model: AVDiT,
+    text: tuple[torch.Tensor, torch.Tensor],
+    null_text: tuple[torch.Tensor, torch.Tensor] | None,
+    cfg_scales: tuple[float, float],
+    guide: BoundGuide | None = None,
+):
+    """A denoiser (x_v, x_a, σ_v [B,Fv], σ_a [B,Fa]) → guided velocities at per-frame σ
+    (`guidance.teacher_velocity`: CFG with cond and uncond as one batch, plus autoguidance when
+    `guide` is given); what `flow.euler_sample_staggered` steps with."""
+
+    def velocity(xv, xa, sv, sa):
         return teacher_velocity(model, xv, xa, sv, sa, text, null_text, cfg_scales, guide)
 
     return velocity
@@ -66,17 +83,13 @@ def sample_teacher(
     nv = flow.randn(vs, generator, p.device, p.dtype)
     na = flow.randn(as_, generator, p.device, p.dtype)
     n_tokens = vs[1] * model.cfg.video_tokens_per_frame + as_[1]
-    sigmas = flow.ltx2_sigmas(steps, n_tokens=n_tokens)
     bound = bind(guide, prompts)
     if stagger > 0:
-
-        def per_frame(xv, xa, sv, sa):
-            return teacher_velocity(model, xv, xa, sv, sa, text, null, cfg_scales, bound)
-
+        vel = frame_velocity(model, text, null, cfg_scales, bound)
         table = flow.staggered_table(steps, stagger, n_tokens)
-        return flow.euler_sample_staggered(per_frame, nv, na, table, stagger)
+        return flow.euler_sample_staggered(vel, nv, na, table, stagger)
     vel = guided_velocity(model, text, null, cfg_scales, bound)
-    return flow.euler_sample(vel, nv, na, sigmas)
+    return flow.euler_sample(vel, nv, na, flow.ltx2_sigmas(steps, n_tokens=n_tokens))
 
 
 def decode_clip(

@@ -23,6 +23,7 @@ import torch
 
 from model import AVDiT, flow
 from model.guidance import BoundGuide, Guide, bind, teacher_velocity
+from model.sampling import frame_velocity
 
 
 def guided_x0(
@@ -136,13 +137,8 @@ def _reflow_trajectory(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`teacher_trajectory` for a staggered sampler: noise [B, F, ...] → clean end on
     `flow.staggered_sigmas`, then the straight-line states at the student's σ."""
-    text, null, scales, bound = cond
-
-    def velocity(xv, xa, sv, sa):
-        return teacher_velocity(model, xv, xa, sv, sa, text, null, scales, bound)
-
     table = flow.staggered_table(steps, stagger, n_tokens)
-    ev, ea = flow.euler_sample_staggered(velocity, nv, na, table, stagger)
+    ev, ea = flow.euler_sample_staggered(frame_velocity(model, *cond), nv, na, table, stagger)
     want = [float(s) for s in student_sigmas] + [0.0]
     traj_v = torch.stack([flow.add_noise(ev, nv, s) for s in want], 1)
     traj_a = torch.stack([flow.add_noise(ea, na, s) for s in want], 1)

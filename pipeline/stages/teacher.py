@@ -23,6 +23,10 @@ from model import AVDiT, flow
 from pipeline.parallelize import Ema, gather_full, make_engine
 from pipeline.stages import Batch, WorkerContext
 
+# The σ curve (`flow.ltx2_sigmas`) staggered training draws are read from: the teacher sampler's
+# default 40-step table, of which `flow.staggered_table` samples at coarser steps.
+STAGGER_TABLE_STEPS = 40
+
 
 class TeacherNet(nn.Module):
     """DiT + text encoder as one trainable module (one engine, one optimizer)."""
@@ -119,7 +123,8 @@ class TeacherStage:
         b, fv, fa = sv.shape[0], sv.shape[1], sa.shape[1]
         pick = (torch.rand(b, generator=g) < sig.stagger).view(b, 1)
         tau, delta = torch.rand(b, generator=g), torch.rand(b, generator=g) * sig.stagger_max
-        table = flow.ltx2_sigmas(40, n_tokens=fv * self.mcfg.video_tokens_per_frame + fa)
+        n_tokens = fv * self.mcfg.video_tokens_per_frame + fa
+        table = flow.ltx2_sigmas(STAGGER_TABLE_STEPS, n_tokens)
         stv = flow.staggered_sigmas(table, tau, delta, fv).clamp(min=0.02)
         sta = flow.staggered_sigmas(table, tau, delta, fa).clamp(min=0.02)
         return torch.where(pick, stv, sv), torch.where(pick, sta, sa)
