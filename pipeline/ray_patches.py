@@ -10,8 +10,9 @@ group was removed") and the run falls back to its last checkpoint. Observed on o
 
 `install()` is the job's `worker_process_setup_hook` (pipeline.trainer.ensure_ray): it runs in
 every Ray worker process, so it must be cheap. It imports nothing from Ray; it registers an import
-hook that, when the cleaner module is imported, replaces its liveness test with one that treats
-"no answer" as "unknown" (the cleaner's existing retry path) and only `DEAD` as dead.
+hook that, when the cleaner module is imported, replaces its liveness test with one that asks the
+GCS (the HTTP state API it used needs the dashboard, which a local instance here does not run),
+treats "no answer" as "unknown" (the cleaner's existing retry path) and only `DEAD` as dead.
 """
 
 from __future__ import annotations
@@ -26,15 +27,37 @@ CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
 def guarded_is_actor_alive(actor_id: str, timeout: int) -> bool:
-    """True unless the state API positively reports the actor DEAD; no answer raises the
-    cleaner's "state API unavailable" error so it keeps monitoring instead of cleaning up."""
-    from ray.train.v2._internal.state.util import get_actor
+    """True unless the actor is positively reported DEAD; no answer raises the cleaner's "state
+    API unavailable" error so it keeps monitoring instead of cleaning up.
+
+    Asks the GCS first: Ray's HTTP state API lives in the dashboard, which our local instance
+    does not start (`include_dashboard=False`), so the cleaner's own query failed every second
+    (a "Failed to query Ray Train Controller actor state" warning per second of every job) and
+    could never clean up after a crashed controller. The state API stays as the fallback.
+    """
     from ray.util.state.exception import RayStateApiException
 
-    state = get_actor(actor_id, timeout=timeout)
+    state = gcs_actor_state(actor_id)
+    if state is None:
+        from ray.train.v2._internal.state.util import get_actor
+
+        answer = get_actor(actor_id, timeout=timeout)
+        state = None if answer is None else answer.state
     if state is None:
         raise RayStateApiException(f"no state for actor {actor_id} (treated as unknown)")
-    return state.state != "DEAD"
+    return state != "DEAD"
+
+
+def gcs_actor_state(actor_id: str) -> str | None:
+    """ "ALIVE", "DEAD", ... straight from the GCS (what `ray list actors` shows, no dashboard
+    needed); None when this process has no GCS connection or the GCS does not know the actor."""
+    try:
+        from ray._private import state as gcs
+
+        info = gcs.actors(actor_id=actor_id)
+    except Exception:  # not connected, or an id the GCS cannot parse: no answer, not "dead"
+        return None
+    return info.get("State") if info else None
 
 
 def patch_module(module: ModuleType) -> None:

@@ -52,9 +52,40 @@ def test_no_answer_is_unknown_and_only_dead_is_dead(monkeypatch, state, expect):
     from pipeline import ray_patches
 
     answer = None if state is None else SimpleNamespace(state=state)
+    monkeypatch.setattr(ray_patches, "gcs_actor_state", lambda actor_id: None)  # no GCS answer
     monkeypatch.setattr(util, "get_actor", lambda actor_id, timeout: answer)
     if expect == "unknown":
         with pytest.raises(RayStateApiException, match="treated as unknown"):
             ray_patches.guarded_is_actor_alive("abc", 1)
     else:
         assert ray_patches.guarded_is_actor_alive("abc", 1) is expect
+
+
+def test_liveness_comes_from_the_gcs_without_a_dashboard(ray_local):
+    """The fixture's instance runs no dashboard, so Ray's HTTP state API cannot answer; the
+    guard must still tell a live actor from a killed one (and an unknown id is no answer)."""
+    import time
+
+    import ray
+    from ray.util.state.exception import RayStateApiException
+
+    from pipeline import ray_patches
+
+    @ray.remote(num_cpus=0)
+    class Idle:
+        def actor_id(self) -> str:
+            return ray.get_runtime_context().get_actor_id()
+
+    actor = Idle.remote()
+    actor_id = ray.get(actor.actor_id.remote())
+    assert ray_patches.gcs_actor_state(actor_id) == "ALIVE"
+    assert ray_patches.guarded_is_actor_alive(actor_id, 1) is True
+    ray.kill(actor)
+    deadline = time.monotonic() + 30
+    while ray_patches.gcs_actor_state(actor_id) != "DEAD" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray_patches.guarded_is_actor_alive(actor_id, 1) is False
+    assert ray_patches.gcs_actor_state("ff" * 16) is None
+    assert ray_patches.gcs_actor_state("not-hex") is None
+    with pytest.raises(RayStateApiException):  # neither the GCS nor a state API knows it
+        ray_patches.guarded_is_actor_alive("ff" * 16, 1)
