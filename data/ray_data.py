@@ -195,8 +195,9 @@ class CodecEncoder:
         video, audio = [], []
         with torch.no_grad():
             for frames, wave in zip(batch["frames"], batch["audio"], strict=True):
-                frames = torch.from_numpy(np.ascontiguousarray(frames))  # uint8 [F,H,W,3]
-                wave = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))  # [C,S]
+                # Arrow hands read-only arrays; torch warns on those, so copy when needed.
+                frames = torch.from_numpy(np.require(frames, requirements="CW"))  # uint8 [F,H,W,3]
+                wave = torch.from_numpy(np.require(wave, np.float32, "CW"))  # [C,S]
                 video.append(self.video.encode(frames).float().numpy())  # [Fv,h,w,C]
                 audio.append(self.audio.encode(wave).float().numpy())  # [Fa,C]
         return {

@@ -8,6 +8,7 @@ place allowed to see every layer.
 from __future__ import annotations
 
 import importlib
+import os
 
 import typer
 
@@ -46,6 +47,9 @@ register_all(app)
 
 
 def main() -> None:
+    # Commands draw their own progress; MLflow's tqdm bar per (small) bundle download would
+    # interleave with it. Set the variable to "true" to see them.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     app()
 
 

@@ -65,7 +65,15 @@ def lr_multiplier(step: int, cfg: JobConfig) -> float:
 
 def make_engine(net: nn.Module, cfg: JobConfig, lr: float | None = None) -> Any:
     """deepspeed.initialize on `net`; returns the engine (optimizer + LR scheduler inside)."""
+    import warnings
+
     import deepspeed
+
+    # DeepSpeed 0.19 gathers with the name torch 2.13 deprecated; one warning per worker per
+    # stage that says nothing to whoever runs the job.
+    warnings.filterwarnings(
+        "ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning
+    )
 
     def multiplier(step: int) -> float:
         # A plain function, not a callable object: LambdaLR.state_dict() would otherwise save the

@@ -49,8 +49,8 @@ def guarded_is_actor_alive(actor_id: str, timeout: int) -> bool:
 
 
 def gcs_actor_state(actor_id: str) -> str | None:
-    """ "ALIVE", "DEAD", ... straight from the GCS (what `ray list actors` shows, no dashboard
-    needed); None when this process has no GCS connection or the GCS does not know the actor."""
+    """The actor's state ("ALIVE", "DEAD", ...) straight from the GCS (what `ray list actors`
+    shows, no dashboard needed); None without a GCS connection or when the GCS does not know it."""
     try:
         from ray._private import state as gcs
 

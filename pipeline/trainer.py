@@ -49,7 +49,13 @@ def ensure_ray(cfg: JobConfig) -> None:
     if ray.is_initialized():
         return
     # Every worker process of the job installs the busy-box guard (pipeline/ray_patches.py).
-    env = {"worker_process_setup_hook": "pipeline.ray_patches.install"}
+    # Ray Data's split coordinator logs three INFO lines per epoch per stage into the job's
+    # console; WARNING keeps errors and warnings (set RAY_DATA_LOG_LEVEL to see the rest).
+    level = os.environ.get("RAY_DATA_LOG_LEVEL", "WARNING")
+    env = {
+        "worker_process_setup_hook": "pipeline.ray_patches.install",
+        "env_vars": {"RAY_DATA_LOG_LEVEL": level},
+    }
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=env)
         return
@@ -141,8 +147,10 @@ def worker_env(cfg: JobConfig, tracking_uri: str) -> dict[str, str]:
     cpu = not cfg.scaling.use_gpu
     env = {"OMP_NUM_THREADS": str(cpu_threads(cfg)), "DS_ACCELERATOR": "cpu"} if cpu else {}
     # Workers resolve models:/ and runs:/ references (teacher, ODE student) against the job's
-    # tracking server, not whatever default the worker process would pick.
-    return env | {"MLFLOW_TRACKING_URI": tracking_uri}
+    # tracking server, not whatever default the worker process would pick; their downloads are
+    # small and a tqdm bar per worker only clutters the job log (unless the driver asks for it).
+    bars = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return env | {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": bars}
 
 
 def _trainer(cfg: JobConfig, loop_cfg: dict[str, Any], ray_name: str, storage: ck.Storage) -> Any:

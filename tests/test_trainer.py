@@ -11,7 +11,8 @@ from pipeline.worker_loop import cpu_threads
 
 
 @pytest.mark.parametrize(("cpus", "threads"), [(0.5, 1), (1.0, 1), (2.7, 2), (8.0, 8)])
-def test_cpu_workers_get_whole_cpus_as_threads(cpus: float, threads: int) -> None:
+def test_cpu_workers_get_whole_cpus_as_threads(cpus: float, threads: int, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
     cfg = load_config(None, [f"scaling.cpus_per_worker={cpus}"])
     assert cpu_threads(cfg) == threads
     env = worker_env(cfg, "sqlite:///x.db")
@@ -19,13 +20,18 @@ def test_cpu_workers_get_whole_cpus_as_threads(cpus: float, threads: int) -> Non
         "OMP_NUM_THREADS": str(threads),
         "DS_ACCELERATOR": "cpu",
         "MLFLOW_TRACKING_URI": "sqlite:///x.db",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
 
 
-def test_gpu_workers_keep_default_threads() -> None:
+def test_gpu_workers_keep_default_threads(monkeypatch) -> None:
     cfg = load_config(None, ["scaling.use_gpu=true", "scaling.cpus_per_worker=8"])
     assert cpu_threads(cfg) is None
-    assert worker_env(cfg, "http://mlflow:5000") == {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")  # the driver's choice wins
+    assert worker_env(cfg, "http://mlflow:5000") == {
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "true",
+    }
 
 
 def test_ema_warms_up_then_holds_its_decay() -> None:
