@@ -106,8 +106,8 @@ def summarise(summary: dict[str, Any], root: Path, clip: Path, wall_s: float) ->
         ("real-time factor", f"{stats.get('rtf', 0):.2f}×"),
         (
             "contacts with onset ≤40 ms",
-            f"teacher {_f(t, 'contact_recall')} / student "
-            f"{_f(s, 'contact_recall')} (chance {_f(t, 'chance_recall')})",
+            f"teacher {_ci(t, 'contact_recall')} / student {_ci(s, 'contact_recall')} "
+            f"on {s.get('n_clips', '?')} clips (chance {_f(t, 'chance_recall')})",
         ),
         (
             "caption colour / pitch",
@@ -128,6 +128,14 @@ def summarise(summary: dict[str, Any], root: Path, clip: Path, wall_s: float) ->
 def _f(report: dict, key: str) -> str:
     v = report.get(key)
     return "n/a" if v is None else f"{float(v):.2f}"
+
+
+def _ci(report: dict, key: str) -> str:
+    """0.62 [0.54, 0.69]: the value and its 95 % interval over resampled clips, where the
+    report has one (a few clips make a wide interval: two demos differ by that much)."""
+    lo, hi = report.get(f"{key}_lo"), report.get(f"{key}_hi")
+    band = "" if lo is None or hi is None else f" [{float(lo):.2f}, {float(hi):.2f}]"
+    return _f(report, key) + band
 
 
 def _speedup(t: dict, s: dict) -> str:

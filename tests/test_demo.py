@@ -53,11 +53,21 @@ def test_demo_end_to_end_at_tiny_scale(tmp_path, ray_local, mlflow_uri):
     assert "eval/eval.png" in arts
     assert summary["promoted"]["uri"] == "models:/demo-student@champion"
     assert summary["stream"]["chunks"] == 2 and str(clip) in summary["rows"]["clip"]
+    assert (
+        f"on {report['student']['n_clips']} clips" in summary["rows"]["contacts with onset ≤40 ms"]
+    )
     assert set(summary["runs"]) == {"parent", "ode", "self-forcing"}
     # The scratch teacher: codecs fitted on the shards, trained, exported, and the one distilled.
     assert (tmp_path / "run" / "codecs" / "codec.json").is_file()
     teacher_cfg = next((tmp_path / "run" / "teacher").rglob("config.json"))
     assert json.loads(teacher_cfg.read_text())["model"]["causal"] is False
+
+
+def test_summary_shows_the_interval_where_the_report_has_one():
+    from deploy.demo import _ci
+
+    assert _ci({"r": 0.625, "r_lo": 0.5, "r_hi": 0.71}, "r") == "0.62 [0.50, 0.71]"
+    assert _ci({"r": 0.625}, "r") == "0.62" and _ci({}, "r") == "n/a"
 
 
 def test_stage_warmup_fits_the_demo_budget():
