@@ -62,9 +62,15 @@ def _plain(path: str, codec_dir: str, clips: int) -> dict[str, float]:
 def _ray(path: str, codec_dir: str, clips: int, cpus: int, repeats: int) -> dict[str, float]:
     import ray
 
-    from data.ray_data import build_dataset, latent_dataset
+    from data.ray_data import build_dataset, latent_dataset, local_system_config
 
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        _system_config=local_system_config(cpus),  # as pipeline.trainer.ensure_ray starts it
+    )
     try:
         runs = {
             "decode": lambda: build_dataset(path).iter_rows(),

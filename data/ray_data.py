@@ -5,7 +5,8 @@ Holds: `ShardDatasource` (Ray's WebDatasetDatasource with a tolerant tar stream,
 remote tasks reach the driver), `build_dataset(path, ...)` (rows {key, caption, frames, audio,
 meta, shard}, the same samples `data.reader.iter_samples` yields), `rows_to_samples`, and
 `latent_dataset(path, codec_dir, ...)` (rows {key, caption, video [Fv,h,w,C], audio [Fa,C]}
-float32, the codec in an ActorPoolStrategy pool).
+float32, the codec in an ActorPoolStrategy pool), and `local_system_config` (the worker pool a
+local Ray needs for these tasks).
 
 Why a datasource subclass and not bare `ray.data.read_webdataset`: Ray's tar loop raises on a
 truncated tar and the read task (so the job) fails, and it buffers up to 512 samples before
@@ -35,6 +36,19 @@ from data.reader import BadSample, BadSampleCounter, Sample, to_sample
 from data.shards import RawSample, TarProblem, iter_tar, list_shards, resolve
 
 ROWS_PER_BLOCK = 16  # raw rows (mp4 bytes, ~30 KB each) per emitted block: bounded memory
+TASKS_PER_CPU = 4  # the smallest task share here is a read at 0.25 CPU
+
+
+def local_system_config(num_cpus: int) -> dict[str, Any]:
+    """`_system_config` for a local `ray.init` that runs this pipeline.
+
+    Ray keeps at most `num_cpus` idle worker processes and kills the others after a second. The
+    pipeline's fractional tasks (read 0.25, decode 0.5 CPU) run up to four per CPU, so each pass
+    over the shards started fresh workers that imported PyAV, numpy and torch again: 5 samples/s
+    instead of 21-24 on 2 CPUs (64 clips, benchmarks/data.py, session 12). Keep as many idle
+    workers as can run at once (~150 MB each).
+    """
+    return {"num_workers_soft_limit": TASKS_PER_CPU * max(1, int(num_cpus))}
 
 
 def _raw_row(item: RawSample | TarProblem) -> dict[str, Any]:

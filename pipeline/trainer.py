@@ -59,13 +59,17 @@ def ensure_ray(cfg: JobConfig) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=env)
         return
+    from data.ray_data import local_system_config
+
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2
     need += cfg.distill.actor_resources()[0]  # teacher actors (ode pool or real-score pool)
+    cpus = max(4, int(need + 0.999), os.cpu_count() or 1)
     ray.init(
         address="local",
-        num_cpus=max(4, int(need + 0.999), os.cpu_count() or 1),
+        num_cpus=cpus,
         include_dashboard=False,
         runtime_env=env,
+        _system_config=local_system_config(cpus),
     )
 
 
