@@ -7,9 +7,9 @@ the sha256 of each file; a teacher that samples with autoguidance (`model.guidan
 configs, its weight) in config.json; one that samples on a staggered schedule says so in a
 "sampler" entry (`stagger`: Δ of `flow.staggered_sigmas`). DiT weights may be stored in a
 narrower float dtype (`weights_dtype`: the shipped demo teacher is fp16 on disk) and load as
-fp32 (or in the `dtype` asked for). Written into a temporary sibling folder and renamed into place, so a crash never
-leaves a half-written bundle. Loading verifies the checksums and refuses a
-config/weights mismatch, naming the keys. Nothing is ever pickled.
+fp32 (or in the `dtype` asked for). Written into a temporary sibling folder and renamed into
+place, so a crash never leaves a half-written bundle. Loading verifies the checksums and refuses
+a config/weights mismatch, naming the keys. Nothing is ever pickled.
 """
 
 from __future__ import annotations
