@@ -158,3 +158,26 @@ def test_artifacts_hook_writes_a_student_sheet(
     stage.artifacts(3, tmp_path, ctx)
     assert (tmp_path / "student_sheet.png").stat().st_size > 0
     assert (tmp_path / "student.mp4").read_bytes()[4:8] == b"ftyp"  # a playable mp4
+
+
+def test_per_modality_weights_scale_each_modalitys_gradient(
+    tiny_teacher_dir: Path, distill_ctx
+) -> None:
+    """distill.dmd_weight_{video,audio} weight each modality's DMD term: the student's gradient
+    for weights (w_v, w_a) is w_v·∇(1, 0) + w_a·∇(0, 1) (same seed, same rollout)."""
+
+    def grads(w_v: float, w_a: float) -> torch.Tensor:
+        cfg = distill_config(
+            tiny_teacher_dir, distill={"dmd_weight_video": w_v, "dmd_weight_audio": w_a}
+        )
+        ctx = distill_ctx(cfg)
+        stage = _stage(cfg, ctx)
+        stage.engine.step = lambda: None  # keep the gradients for reading
+        inp = stage.inputs(make_batch(cfg), ctx)
+        stage.generator_update(inp, torch.Generator().manual_seed(3), 1, ctx, norms=False)
+        params = stage.engine.module.parameters()
+        return torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+
+    video, audio, both = grads(1.0, 0.0), grads(0.0, 1.0), grads(2.0, 0.5)
+    assert video.norm() > 0 and audio.norm() > 0
+    torch.testing.assert_close(both, 2.0 * video + 0.5 * audio, rtol=1e-4, atol=1e-7)
