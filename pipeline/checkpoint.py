@@ -78,6 +78,15 @@ def _s3_filesystem(endpoint: str | None, region: str) -> pafs.FileSystem:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
+def filesystem_for(
+    uri: str, endpoint: str | None = None, region: str = "us-east-1"
+) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path on it, URI prefix) of a local path or s3:// URI; creates nothing."""
+    if uri.startswith("s3://"):
+        return _s3_filesystem(endpoint, region), uri.removeprefix("s3://").rstrip("/"), "s3://"
+    return pafs.LocalFileSystem(), str(Path(uri).resolve()), ""
+
+
 def open_uri(uri: str, endpoint: str | None = None, region: str = "us-east-1") -> Any:
     """A `ray.train.Checkpoint` for a checkpoint URI (local path or s3://)."""
     from ray.train import Checkpoint

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import checkpoint as ck
-from pipeline import tracking
+from pipeline import integrity, tracking
 from pipeline.config import JobConfig, validate
 from pipeline.fingerprint import fingerprint, resume_diff
 from pipeline.parallelize import load_engine, save_engine, use_bf16
@@ -88,13 +88,14 @@ def _restore(
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
-    if ckpt is None and loop_cfg.get("resume_from"):
-        st = ctx.cfg.storage
-        ckpt = ck.open_uri(loop_cfg["resume_from"], st.endpoint, st.region)
+    name = ckpt.path if ckpt is not None else loop_cfg.get("resume_from")
+    if ckpt is None and name:
+        ckpt = ck.open_uri(name, ctx.cfg.storage.endpoint, ctx.cfg.storage.region)
     if ckpt is None:
         return 0, {"epoch": 0, "index": 0}
     with ckpt.as_directory() as d:
         d = Path(d)
+        integrity.check_local(d, name)  # a torn or corrupted checkpoint is never loaded
         meta = ck.read_meta(d)
         if meta["fingerprint"] != fingerprint(ctx.cfg):
             diff = "; ".join(resume_diff(meta["config"], ctx.cfg))
@@ -110,7 +111,8 @@ def _restore(
 def _save(
     stage: Any, ctx: WorkerContext, step: int, pos: dict[str, int], extra: dict[str, Any]
 ) -> Path:
-    """Every rank fills a private temp dir, renames it into place; rank 0 adds meta.json last."""
+    """Every rank fills a private temp dir and lists what it wrote in its manifest (last),
+    then renames it into place; rank 0 adds meta.json (with the world size) before its own."""
     root = Path(tempfile.mkdtemp(prefix=f"omni-ckpt-r{ctx.rank}-"))
     tmp, final = ck.staging_dir(root, step)
     for name, engine in stage.engines().items():
@@ -122,7 +124,9 @@ def _save(
         stage.export(tmp / "bundle" if ctx.rank == 0 else None, ctx)
     if ctx.rank == 0:
         meta = {"step": step, "data_position": pos, "fingerprint": fingerprint(ctx.cfg)}
-        ck.write_meta(tmp, {**meta, "config": ctx.cfg.to_dict(), **extra})
+        meta |= {"world": ctx.world, "config": ctx.cfg.to_dict()}
+        ck.write_meta(tmp, {**meta, **extra})
+    integrity.write_manifest(tmp, ctx.rank)
     return ck.commit(tmp, final)
 
 
