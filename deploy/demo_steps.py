@@ -88,12 +88,12 @@ def distill(cfg: Any, teacher_ref: str, ode_steps: int, sf_steps: int) -> dict[s
     base = cfg.to_dict()
     base["distill"]["teacher"] = teacher_ref
     runs: dict[str, str] = {"parent": parent}
-    for stage, steps in (("ode", ode_steps), ("self-forcing", sf_steps)):
-        step(f"train {stage} ({steps} steps)")
-        stage_cfg = validate(stage_config(base, stage, steps, runs.get("ode")))
-        with progress_from_mlflow(stage_cfg, stage):
-            runs[stage] = run_stage(stage_cfg, stage, parent_run=parent).run_id
-    client.set_terminated(parent)
+    with tracking.run_status(client, parent):  # FINISHED, FAILED or KILLED in MLflow
+        for stage, steps in (("ode", ode_steps), ("self-forcing", sf_steps)):
+            step(f"train {stage} ({steps} steps)")
+            stage_cfg = validate(stage_config(base, stage, steps, runs.get("ode")))
+            with progress_from_mlflow(stage_cfg, stage):
+                runs[stage] = run_stage(stage_cfg, stage, parent_run=parent).run_id
     return runs
 
 

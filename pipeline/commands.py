@@ -76,9 +76,10 @@ def train(
     resume: Annotated[str | None, typer.Option("--resume", help="latest | <mlflow-run-id>")] = None,
 ) -> None:
     """Train one stage as a Ray Train job (DeepSpeed ZeRO), tracked in MLflow."""
+    from pipeline.tracking import sigterm_as_interrupt
     from pipeline.trainer import run_stage
 
-    with user_errors():
+    with user_errors(), sigterm_as_interrupt():
         cfg = load_config(config, set_ or [])
         with progress_from_mlflow(cfg, stage):
             result = run_stage(cfg, stage, resume=resume)
@@ -90,27 +91,33 @@ def train(
 def pipeline(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """All available stages in order under one parent run; finished stages are skipped."""
     from pipeline import tracking
-    from pipeline.config import validate
     from pipeline.stages import available_stages
 
-    with user_errors():
+    with user_errors(), tracking.sigterm_as_interrupt():
         cfg = load_config(config, set_ or [])
         client = tracking.client_for(tracking.tracking_uri(cfg))
         exp = tracking.experiment_id(client, cfg.mlflow.experiment)
         parent = client.create_run(
             exp, tags={"mlflow.runName": "pipeline", tracking.STAGE_TAG: "pipeline"}
         ).info.run_id
-        for stage in available_stages():
-            run_id = _run_or_skip(client, exp, cfg, stage, parent)
-            d = cfg.to_dict()
-            if stage == "teacher" and cfg.distill.teacher is None:
-                # The distillation stages score with the teacher this pipeline just trained.
-                d["distill"]["teacher"] = run_id
-            elif stage == "ode" and cfg.distill.student.init_from == "teacher":
-                # Self-Forcing starts from the ODE-initialised student (the paper's stage 3).
-                d["distill"]["student"]["init_from"] = run_id
-            cfg = validate(d)
-        client.set_terminated(parent)
+        with tracking.run_status(client, parent):  # FINISHED, FAILED or KILLED
+            _stages(client, exp, cfg, parent, available_stages())
+
+
+def _stages(client: Any, exp: str, cfg: JobConfig, parent: str, stages: list[str]) -> None:
+    """The pipeline's stages in order, each fed the run ids of the ones before it."""
+    from pipeline.config import validate
+
+    for stage in stages:
+        run_id = _run_or_skip(client, exp, cfg, stage, parent)
+        d = cfg.to_dict()
+        if stage == "teacher" and cfg.distill.teacher is None:
+            # The distillation stages score with the teacher this pipeline just trained.
+            d["distill"]["teacher"] = run_id
+        elif stage == "ode" and cfg.distill.student.init_from == "teacher":
+            # Self-Forcing starts from the ODE-initialised student (the paper's stage 3).
+            d["distill"]["student"]["init_from"] = run_id
+        cfg = validate(d)
 
 
 def _run_or_skip(client: Any, exp: str, cfg: JobConfig, stage: str, parent: str) -> str:

@@ -118,4 +118,5 @@ def log_run(prefix: Path, codecs: str = SHIPPED, tracking_uri: str | None = None
         {tracking.SINGLE_TAG_PREFIX + k: v for k, v in info.items()}
         | {tracking.EXPORT_TAG: "bundle", tracking.STATUS_TAG: "finished"},
     )
+    client.set_terminated(run_id, "FINISHED")
     return run_id

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,7 @@ RAY_NAME_TAG = "omniforcing.ray_run_name"
 CKPT_TAG = "omniforcing.checkpoint_uri"
 CKPT_STEP_TAG = "omniforcing.checkpoint_step"
 FINGERPRINT_TAG = "omniforcing.fingerprint"
-STATUS_TAG = "omniforcing.status"  # running | finished
+STATUS_TAG = "omniforcing.status"  # running | finished | failed | killed
 EXPORT_TAG = "omniforcing.export"  # artifact path of the consolidated Bundle
 SINGLE_TAG_PREFIX = "omniforcing.single."  # a run recorded afterwards by `pipeline.single log`
 CONFIG_ARTIFACT = "config/resolved.json"
@@ -122,6 +126,58 @@ def find_run(client: MlflowClient, experiment: str, ref: str, stage: str | None 
 
 def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def reopen_run(client: MlflowClient, run_id: str) -> None:
+    """A resumed run is RUNNING again (MLflow's status and our tag) until `run_status` ends it."""
+    client.update_run(run_id, status="RUNNING")
+    set_tags(client, run_id, {STATUS_TAG: "running"})
+
+
+@contextmanager
+def run_status(client: MlflowClient, run_id: str) -> Iterator[None]:
+    """End `run_id` with MLflow's own status when the body ends: FINISHED when it returns,
+    KILLED on KeyboardInterrupt (and SIGTERM, see `sigterm_as_interrupt`), FAILED when it
+    raises anything else. Our STATUS_TAG follows, except that "finished" stays the stage's own
+    word (set when its final checkpoint is published), so a run without an export keeps
+    "running" in the tag while MLflow says FINISHED."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _end(client, run_id, "KILLED")
+        raise
+    except BaseException:
+        _end(client, run_id, "FAILED")
+        raise
+    _end(client, run_id, "FINISHED")
+
+
+def _end(client: MlflowClient, run_id: str, status: str) -> None:
+    try:
+        if status != "FINISHED":
+            set_tags(client, run_id, {STATUS_TAG: status.lower()})
+        client.set_terminated(run_id, status)
+    except Exception as err:  # noqa: BLE001 — never hide the error that ended the run
+        print(f"warning: could not mark MLflow run {run_id} {status}: {err}", flush=True)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`ray job stop`, a pod deleted, `kill`) raises KeyboardInterrupt in the main
+    thread while the body runs, so `run_status` marks the run KILLED instead of leaving it
+    RUNNING forever. Outside the main thread (signals cannot be set there) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 class MetricLogger:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from pipeline import checkpoint as ck
-from pipeline import tracking
+from pipeline import integrity, tracking
 from pipeline.config import JobConfig
 from pipeline.fingerprint import resume_diff
 from pipeline.stages import get_stage
@@ -208,7 +208,7 @@ def _open_run(
             f"--resume {run_id}: config incompatible with the run's; differing keys: "
             + "; ".join(diff)
         )
-    tracking.set_tags(client, run_id, {tracking.STATUS_TAG: "running"})
+    tracking.reopen_run(client, run_id)
     return run_id, run.data.tags.get(tracking.CKPT_TAG)
 
 
@@ -221,10 +221,30 @@ def run_stage(
     client = tracking.client_for(uri)
     storage = ck.resolve_storage(cfg.storage.path, cfg.storage.endpoint, cfg.storage.region)
     run_id, resume_from = _open_run(client, cfg, stage, resume, parent_run)
+    with tracking.run_status(client, run_id):  # FINISHED, FAILED or KILLED in MLflow
+        step = _fit(cfg, stage, client, uri, storage, run_id, resume_from)
+    tags = client.get_run(run_id).data.tags
+    return StageResult(run_id, tags.get(tracking.CKPT_TAG), step, uri)
+
+
+def _fit(
+    cfg: JobConfig,
+    stage: str,
+    client: Any,
+    uri: str,
+    storage: ck.Storage,
+    run_id: str,
+    resume_from: str | None,
+) -> int:
+    """One launch of the stage's TorchTrainer for `run_id`; returns the last published step."""
     # A fresh Ray run name per launch: Ray restores within one fit(); across launches the
     # MLflow-tracked checkpoint URI is the source of truth.
     ray_name = f"{stage}-{uuid.uuid4().hex[:8]}"
     tracking.set_tags(client, run_id, {tracking.RAY_NAME_TAG: ray_name})
+    if resume_from:  # the newest complete checkpoint of the run folder MLflow names
+        resume_from = integrity.newest_complete(
+            resume_from, cfg.storage.endpoint, cfg.storage.region
+        )
     ensure_ray(cfg)
     loop_cfg = {
         "config": cfg.to_dict(),
@@ -240,9 +260,7 @@ def run_stage(
     ckpt = result.checkpoint or (
         ck.open_uri(resume_from, cfg.storage.endpoint, cfg.storage.region) if resume_from else None
     )
-    step = _publish(client, run_id, ckpt) if ckpt else 0
-    tags = client.get_run(run_id).data.tags
-    return StageResult(run_id, tags.get(tracking.CKPT_TAG), step, uri)
+    return _publish(client, run_id, ckpt) if ckpt else 0
 
 
 def _publish(client: Any, run_id: str, ckpt: Any) -> int:
