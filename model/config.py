@@ -57,11 +57,27 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_max_seconds: float = 20.0  # RoPE horizon (LTX-2: 20 s)
     rope_max_pixels: float = 2048.0
+    # Architecture: "omniforcing" (our DiT: physical RoPE per head, MLP timestep tables, optional
+    # input skip) or "ltx2" (LTX-2.0's transformer exactly, as diffusers' LTX2VideoTransformer3DModel
+    # computes it: AdaLayerNormSingle modulation, PixArt caption projections, RoPE over the whole
+    # inner dim from LTX-2's float32 coordinates). With "ltx2", `text_dim` is the width of
+    # [video text features | audio text features] (two halves, one per caption projection).
+    arch: str = "omniforcing"
+    # ltx2 arch only (LTX-2.0 values): mel hop in samples (audio RoPE coordinates), the causal
+    # VAEs' first-latent offset, and the cross-modal gate's timestep scale relative to σ·1000
+    # (diffusers' cross_attn_timestep_scale_multiplier / timestep_scale_multiplier).
+    audio_hop_length: int = 160
+    rope_causal_offset: int = 1
+    cross_gate_timestep_scale: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried with the config
 
     def __post_init__(self) -> None:
         if self.attention not in ("sdpa", "flex"):
             raise ValueError(f"model.attention: {self.attention!r} is not 'sdpa' or 'flex'")
+        if self.arch not in ("omniforcing", "ltx2"):
+            raise ValueError(f"model.arch: {self.arch!r} is not 'omniforcing' or 'ltx2'")
+        if self.arch == "ltx2":
+            self._check_ltx2()
         h, w = self.video_latent_hw
         p = self.video.patch
         if h % p or w % p:
@@ -72,6 +88,25 @@ class ModelConfig:
             )
         if self.audio.width % 2 or self.audio.width // self.audio.heads % 2:
             raise ValueError("cross-modal attention uses the audio head geometry; it must be even")
+
+    def _check_ltx2(self) -> None:
+        """What LTX-2.0's transformer fixes: token = one latent cell, no skip, two text halves,
+        whole mel frames per audio latent."""
+        if self.video.patch != 1 or self.input_skip:
+            raise ValueError("model.arch 'ltx2' needs video.patch 1 and input_skip false")
+        if self.text_dim % 2:
+            raise ValueError(f"model.arch 'ltx2': text_dim {self.text_dim} must be even")
+        hop = self.audio_hop_length * self.audio_latents_per_s
+        if self.sample_rate % hop:
+            raise ValueError(
+                f"model.arch 'ltx2': sample_rate {self.sample_rate} is not a whole number of mel "
+                f"hops ({self.audio_hop_length}) per audio latent ({self.audio_latents_per_s}/s)"
+            )
+
+    @property
+    def audio_mel_per_latent(self) -> int:
+        """Mel frames per audio latent (LTX-2: 16000 / 160 / 25 = 4)."""
+        return self.sample_rate // (self.audio_hop_length * self.audio_latents_per_s)
 
     # ---- derived geometry -------------------------------------------------------------------
     @property
@@ -169,15 +204,17 @@ def _demo() -> ModelConfig:
 
 
 def _ltx2() -> ModelConfig:
-    # LTX-2 dimensions: 48 layers, video 4096 = 32×128, audio 2048 = 32×64, 128 latent channels,
-    # 512×768 frames → 16×24 latent grid (spatial ×32), Gemma-3 text features of 3840.
+    # LTX-2.0's transformer (arch "ltx2", = diffusers' LTX2VideoTransformer3DModel defaults): 48
+    # layers, video 4096 = 32×128, audio 2048 = 32×64, 128 latent channels each, 512×768 frames →
+    # 16×24 latent grid (spatial ×32); text = the two 3840-wide connector outputs over Gemma 3.
     return ModelConfig(
         name="ltx2",
         video=StreamConfig(width=4096, heads=32, latent_channels=128, patch=1),
         audio=StreamConfig(width=2048, heads=32, latent_channels=128),
         layers=48,
         ffn_mult=4,
-        text_dim=3840,
+        text_dim=2 * 3840,
+        arch="ltx2",
         num_sinks=16,
         height=512,
         width=768,

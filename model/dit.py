@@ -20,6 +20,7 @@ from .config import ModelConfig
 from .kv_cache import FullContext, KVCache
 from .layers import AVLayer
 from .layout import BlockLayout
+from .ltx2 import LTX2StreamIO
 from .masks import TrainingMasks
 from .rope import RopeTables
 
@@ -83,10 +84,17 @@ class AVDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         v, a = cfg.video, cfg.audio
-        self.video_io = _StreamIO(cfg.video_token_dim, v.width, cfg.text_dim, cfg.input_skip)
-        self.audio_io = _StreamIO(a.latent_channels, a.width, cfg.text_dim, cfg.input_skip)
+        ltx2 = cfg.arch == "ltx2"
+        if ltx2:  # each stream projects its own half of [video text | audio text]
+            half = cfg.text_dim // 2
+            self.video_io = LTX2StreamIO(cfg.video_token_dim, v.width, half, cfg)
+            self.audio_io = LTX2StreamIO(a.latent_channels, a.width, half, cfg)
+        else:
+            self.video_io = _StreamIO(cfg.video_token_dim, v.width, cfg.text_dim, cfg.input_skip)
+            self.audio_io = _StreamIO(a.latent_channels, a.width, cfg.text_dim, cfg.input_skip)
         self.layers = nn.ModuleList(
-            AVLayer(v.width, v.heads, a.width, a.heads, cfg.ffn_mult) for _ in range(cfg.layers)
+            AVLayer(v.width, v.heads, a.width, a.heads, cfg.ffn_mult, ltx2)
+            for _ in range(cfg.layers)
         )
         if cfg.sinks:
             self.audio_sinks = nn.Parameter(torch.randn(1, cfg.sinks, a.width) * 0.02)
@@ -132,6 +140,11 @@ class AVDiT(nn.Module):
         return vel_v, vel_a
 
     def project_text(self, text_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """text_emb [B, L, text_dim] → per-stream text [B, L, Dv], [B, L, Da]. Arch "ltx2": the
+        video half and the audio half of the features go to their own projection."""
+        if self.cfg.arch == "ltx2":
+            tv, ta = text_emb.chunk(2, dim=-1)
+            return self.video_io.caption(tv), self.audio_io.caption(ta)
         return self.video_io.caption(text_emb), self.audio_io.caption(text_emb)
 
     def forward(

@@ -104,10 +104,17 @@ class FeedForward(nn.Module):
 
 
 class AVLayer(nn.Module):
-    """One dual-stream layer: self-attn → text cross-attn → A2V / V2A → FFN, per stream AdaLN."""
+    """One dual-stream layer: self-attn → text cross-attn → A2V / V2A → FFN, per stream AdaLN.
 
-    def __init__(self, dv: int, hv: int, da: int, ha: int, ffn_mult: int) -> None:
+    `ltx2`: LTX-2.0's two differences in the cross-modal step: its 5 modulation rows are
+    (scale, shift) for A2V, (scale, shift) for V2A, gate — ours are (shift, scale, …) — and V2A's
+    video keys are the video before A2V updated it (ours: after)."""
+
+    def __init__(self, dv: int, hv: int, da: int, ha: int, ffn_mult: int, ltx2: bool = False):
         super().__init__()
+        # Rows of the cross-modal tables: (A2V shift, A2V scale, V2A shift, V2A scale).
+        self._cross_rows = (1, 0, 3, 2) if ltx2 else (0, 1, 2, 3)
+        self._v2a_keys_before_a2v = ltx2
         self.v_self = Attention(dv, dv, dv, hv, dv)
         self.a_self = Attention(da, da, da, ha, da)
         self.v_text = Attention(dv, dv, dv, hv, dv)
@@ -141,9 +148,13 @@ class AVLayer(nn.Module):
         vx = vx + self._text(i, "v", self.v_text, nv(vx), ctx)
         ax = ax + self._text(i, "a", self.a_text, na(ax), ctx)
         # 3. A2V then V2A, each side modulated by its own stream's timestep.
-        vq, akv = modulate(nv(vx), vc[0], vc[1]), modulate(na(ax), ac[0], ac[1])
+        s1, c1, s2, c2 = self._cross_rows
+        vn = nv(vx)
+        vq, akv = modulate(vn, vc[s1], vc[c1]), modulate(na(ax), ac[s1], ac[c1])
         vx = torch.addcmul(vx, vc[4], self._cross(i, "a2v", self.a2v, vq, akv, ctx))
-        aq, vkv = modulate(na(ax), ac[2], ac[3]), modulate(nv(vx), vc[2], vc[3])
+        if not self._v2a_keys_before_a2v:
+            vn = nv(vx)
+        aq, vkv = modulate(na(ax), ac[s2], ac[c2]), modulate(vn, vc[s2], vc[c2])
         ax = torch.addcmul(ax, ac[4], self._cross(i, "v2a", self.v2a, aq, vkv, ctx))
         # 4. FFN per stream.
         vx = torch.addcmul(vx, vm[5], self.v_ffn(modulate(nv(vx), vm[3], vm[4])))

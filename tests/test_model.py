@@ -5,6 +5,7 @@ import torch
 
 from model import AVDiT, BlockLayout, preset
 from model.rope import RopeTables, apply_rope, pair_tables, rope_cos_sin
+from model.testing import tiny_config
 
 B, SECONDS = 2, 3
 
@@ -23,10 +24,11 @@ def _inputs(cfg, seconds=SECONDS, seed=0):
     return lay, v, a, sv, sa, text, mask
 
 
-@pytest.fixture(scope="module")
-def student():
+@pytest.fixture(scope="module", params=["omniforcing", "ltx2"])
+def student(request):
+    """The tiny causal student on our arch and on LTX-2.0's (the same OmniForcing additions)."""
     torch.manual_seed(0)
-    return AVDiT(preset("tiny", causal=True)).eval()
+    return AVDiT(tiny_config(request.param, causal=True)).eval()
 
 
 @pytest.mark.parametrize("k", [0, 1, 2])
