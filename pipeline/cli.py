@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "data.cli",
     "pipeline.commands",
     "pipeline.eval_commands",
+    "pipeline.ltx2.cli",  # `import ltx2`
     "deploy.demo",
     "deploy.cli",
     "benchmarks.cli",  # `bench`; skipped where the benchmarks package is not installed

@@ -1,0 +1,60 @@
+"""`omniforcing import ltx2 --from PATH --out BUNDLE`: a diffusers LTX-2.0 transformer (local or
+s3://, sharded or not, or a whole pipeline folder) → a DiT-only bundle (model.dit_bundle).
+
+Errors (unsupported config options, missing / unexpected / mis-shaped weights) are one line with
+exit code 2. The message on success says what the bundle lacks: LTX-2's codecs and text encoder
+are not imported yet, so it cannot serve or teach until they are.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+import_app = typer.Typer(help="Import weights from other formats.", no_args_is_help=True)
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@import_app.command("ltx2")
+def ltx2_cmd(
+    source: Annotated[
+        str,
+        typer.Option(
+            "--from",
+            help="diffusers LTX2VideoTransformer3DModel folder (or a pipeline folder holding one "
+            "in transformer/), local or s3://",
+        ),
+    ],
+    out: Annotated[str, typer.Option(help="DiT bundle folder to write.")],
+    latent_hw: Annotated[
+        str, typer.Option(help="Latent grid h,w the model works at (LTX-2: 512×768 → 16,24).")
+    ] = "16,24",
+    dtype: Annotated[str, typer.Option(help="Weights on disk: " + ", ".join(_DTYPES))] = "bfloat16",
+) -> None:
+    """Import LTX-2.0's transformer (diffusers format) as a DiT-only bundle."""
+    import torch
+
+    from pipeline.commands import console, user_errors
+    from pipeline.ltx2.importer import MISSING, import_ltx2
+
+    with user_errors():
+        if dtype not in _DTYPES:
+            raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
+        try:
+            h, w = (int(x) for x in latent_hw.split(","))
+        except ValueError:
+            raise ValueError(
+                f"--latent-hw {latent_hw!r}: expected two integers, e.g. 16,24"
+            ) from None
+        path = import_ltx2(source, out, (h, w), getattr(torch, dtype))
+    console.print(
+        f"[green]imported[/] {path} (DiT only: {MISSING}; read it with "
+        "model.dit_bundle.load_dit_bundle)",
+        highlight=False,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(import_app, name="import")
