@@ -1,13 +1,20 @@
-"""Resume: a killed worker is replaced and the job finishes with contiguous metric steps;
-interrupted + `--resume` equals uninterrupted (bit-exact weights on CPU); an incompatible config
-is refused naming the differing keys. Real local Ray, real DeepSpeed, sqlite MLflow."""
+"""Resume: a killed worker is replaced and the job finishes with contiguous metric steps; a new
+cluster (fresh Ray, no local files) resumes from MLflow + S3 alone, from the newest complete
+checkpoint, and equals an uninterrupted run (bit-exact weights on CPU); an incompatible config
+is refused naming the differing keys. Real local Ray, real DeepSpeed, sqlite MLflow or the
+MLflow server, moto S3."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -84,60 +91,107 @@ def test_killed_worker_is_replaced_and_run_finishes(ray_local, tmp_path: Path) -
 
 
 def _bundle_weights(ckpt_uri: str) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(ckpt_uri) / "bundle" / "model.safetensors"))
+    from pipeline.checkpoint import open_uri
+
+    with open_uri(ckpt_uri).as_directory() as d:
+        return load_file(str(Path(d) / "bundle" / "model.safetensors"))
+
+
+def _losses(uri: str, run_id: str) -> list[tuple[int, float]]:
+    hist = MlflowClient(uri).get_metric_history(run_id, "loss")
+    return sorted((m.step, m.value) for m in hist)
+
+
+@contextlib.contextmanager
+def _own_ray_and_temp() -> Iterator[Path]:
+    """A Ray instance of the test's own whose every local file (session folder, logs, spilled
+    objects, the job's temp dirs: TMPDIR in the driver and, inherited, in every worker) lives in
+    one folder the test can delete; the tests' shared instance is brought back afterwards."""
+    import ray
+
+    from tests.fixtures.ray import start_local_ray
+
+    had_ray = ray.is_initialized()
+    ray.shutdown()
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    folder = Path(tempfile.mkdtemp(prefix="of26-", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        os.environ["TMPDIR"], tempfile.tempdir = str(folder), str(folder)
+        yield folder
+    finally:
+        ray.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
+        if saved[0] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved[0]
+        tempfile.tempdir = saved[1]
+        if had_ray:
+            start_local_ray()
 
 
 @pytest.mark.slow
-def test_interrupted_then_resumed_equals_uninterrupted(ray_local, tmp_path: Path) -> None:
-    # One worker: the determinism claim is about our state (weights, Adam, LR, EMA, RNG, data
-    # position), not Ray's assignment of blocks to ranks. 6 clips / batch 2 = 3 batches per
-    # epoch, so the resumed run must skip inside an epoch and then cross into the next one.
+def test_new_cluster_resumes_from_mlflow_alone(
+    mlflow_uri: str, s3_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Train on S3 + the MLflow server, stop Ray, delete every local folder it or the job wrote,
+    start a fresh Ray, `--resume <run id>`: the same run continues from the newest *complete*
+    checkpoint (a torn newer one and a corrupted one are passed over by name), metric steps are
+    contiguous, and the weights equal an uninterrupted run's, bit for bit on CPU.
+
+    One worker: the determinism claim is about our state (weights, Adam, LR, EMA, RNG, data
+    position), not Ray's assignment of blocks to ranks. 6 clips / batch 2 = 3 batches per
+    epoch, so the resumed run skips inside an epoch and then crosses into the next one. The
+    4-step warm-up makes steps 1-5 independent of train.steps (cosine starts at 1)."""
+    import s3fs
+
     common = [
         "scaling.num_workers=1",
         "data.random_clips=6",
         "train.checkpoint_every=2",
         "train.reliance_every=0",
-        "train.warmup_steps=2",
+        "train.warmup_steps=4",
+        "mlflow.experiment=new-cluster",
     ]
-    full = load_config(
-        CONFIG,
-        [*common, "train.steps=5", f"storage.path={tmp_path / 'a'}", "mlflow.experiment=det"],
-    )
-    ref = run_stage(full, "teacher")
 
-    part = load_config(
-        CONFIG,
-        [*common, "train.steps=2", f"storage.path={tmp_path / 'b'}", "mlflow.experiment=det"],
-    )
-    first = run_stage(part, "teacher")
-    assert first.step == 2
-    more = load_config(
-        CONFIG,
-        [*common, "train.steps=5", f"storage.path={tmp_path / 'b'}", "mlflow.experiment=det"],
-    )
-    resumed = run_stage(more, "teacher", resume="latest")
-    assert resumed.run_id == first.run_id and resumed.step == 5
-    assert _steps(resumed.tracking_uri, resumed.run_id) == [1, 2, 3, 4, 5]
+    def cfg(steps: int, where: str):
+        return load_config(CONFIG, [*common, f"train.steps={steps}", f"storage.path={where}"])
 
+    with _own_ray_and_temp() as first_tmp:
+        ref = run_stage(cfg(5, f"{s3_bucket}/ref"), "teacher")  # uninterrupted
+        part = run_stage(cfg(4, f"{s3_bucket}/job"), "teacher")  # "killed" after step 4
+        ray_files = sorted(p.name for p in (first_tmp / "ray").iterdir())
+    assert not first_tmp.exists() and "session_latest" in ray_files  # all of it deleted
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(part.run_id).info.status == "FINISHED"
+
+    # The run folder in S3: step-2 and step-4 complete; a step-6 torn by a kill mid-upload
+    # (part of step 4's files, no meta.json, no manifest); one flipped byte in step 4.
+    fs = s3fs.S3FileSystem()
+    fs.clear_instance_cache()
+    run_dir = part.checkpoint_uri.rsplit("/", 1)[0]
+    fs.copy(f"{run_dir}/step-00000004/engines", f"{run_dir}/step-00000006/engines", recursive=True)
+    victim = max(fs.find(f"{run_dir}/step-00000004/engines"), key=fs.size)
+    data = bytearray(fs.cat_file(victim))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe_file(victim, bytes(data))
+
+    with _own_ray_and_temp(), caplog.at_level(logging.WARNING, "omniforcing.checkpoint"):
+        resumed = run_stage(cfg(5, f"{s3_bucket}/job"), "teacher", resume=part.run_id)
+    rel = victim.split("/step-00000004/", 1)[1]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"checkpoint {run_dir}/step-00000006 skipped: no meta.json (incomplete write)",
+        f"checkpoint {run_dir}/step-00000004 skipped: "
+        f"{rel}: sha256 does not match its manifest (corrupted)",
+    ]
+    assert resumed.run_id == part.run_id and resumed.step == 5
+    assert client.get_run(part.run_id).info.status == "FINISHED"
+    assert _losses(mlflow_uri, resumed.run_id) == _losses(mlflow_uri, ref.run_id)  # 1..5, once
+    assert [s for s, _ in _losses(mlflow_uri, resumed.run_id)] == [1, 2, 3, 4, 5]
     a, b = _bundle_weights(ref.checkpoint_uri), _bundle_weights(resumed.checkpoint_uri)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
-    la = [
-        m.value
-        for m in sorted(
-            MlflowClient(ref.tracking_uri).get_metric_history(ref.run_id, "loss"),
-            key=lambda m: m.step,
-        )
-    ]
-    lb = [
-        m.value
-        for m in sorted(
-            MlflowClient(resumed.tracking_uri).get_metric_history(resumed.run_id, "loss"),
-            key=lambda m: m.step,
-        )
-    ]
-    assert la == lb
 
 
 def test_incompatible_resume_is_refused_naming_keys(tmp_path: Path) -> None:
