@@ -6,10 +6,12 @@ up (the CLI and the test fixtures both use it). Route handlers live in deploy/ap
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -117,7 +119,11 @@ def serve_cmd(
             "(the old replica finishes its running streams, then stops)"
         )
         return
-    start_serve(model, address=address, **common)
+    try:
+        start_serve(model, address=address, **common)
+    except RuntimeError as err:  # Serve's "Deploying application … failed" with a traceback
+        typer.echo(f"error: {model} could not be served: {load_failure(err)}", err=True)
+        raise typer.Exit(2) from None
     import ray
     from ray import serve
 
@@ -178,7 +184,39 @@ def generate_cmd(
     """Generate a clip in this process (no server) and save it."""
     from deploy.client import generate_local, save_stream
 
-    _report(save_stream(generate_local(model, prompt, seconds, seed, device), out), out)
+    with model_errors():
+        stats = save_stream(generate_local(model, prompt, seconds, seed, device), out)
+    _report(stats, out)
+
+
+@contextlib.contextmanager
+def model_errors() -> Iterator[None]:
+    """A model that cannot be loaded (bad bundle, unknown URI) is one line and exit code 2."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as err:  # BundleError is a ValueError
+        typer.echo(f"error: {' '.join(str(err).split())}", err=True)
+        raise typer.Exit(2) from None
+
+
+def load_failure(err: BaseException) -> str:
+    """The one line of a failed Serve deployment that says why the model did not load: the
+    replica's BundleError/ValueError, which Serve keeps at the end of a traceback in the
+    deployment's status message; else the first line of `err`."""
+    from ray import serve
+
+    from deploy.app import APP_NAME
+
+    text = ""
+    with contextlib.suppress(Exception):  # no status to read: fall back to the error itself
+        app = serve.status().applications[APP_NAME]
+        text = "\n".join([app.message, *(d.message for d in app.deployments.values())])
+    lines = [ln.strip() for ln in f"{err}\n{text}".splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        for kind in ("BundleError: ", "FileNotFoundError: ", "ValueError: "):
+            if kind in ln:
+                return ln[ln.index(kind) + len(kind) :]
+    return lines[0] if lines else type(err).__name__
 
 
 def register(app: typer.Typer) -> None:

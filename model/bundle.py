@@ -36,6 +36,7 @@ FORMAT = "omniforcing-bundle"
 VERSION = 1
 FILES = ("config.json", "model.safetensors", "text.safetensors", "codecs.safetensors")
 GUIDE_FILES = ("guide.safetensors", "guide_text.safetensors")  # only with a "guide" entry
+CONFIG_KEYS = {"format", "version", "model", "text_encoder", "codecs", "extra", "sampler", "guide"}
 
 
 class BundleError(ValueError):
@@ -91,10 +92,14 @@ def load_dit(cfg: ModelConfig, path: Path, device=None, dtype=None) -> AVDiT:
         model = AVDiT(cfg)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     state = {}
-    with safe_open(path, framework="pt", device="cpu") as f:
-        for key in f.keys():  # safe_open is not a mapping
-            t = f.get_tensor(key)
-            state[key] = t.to(dev, dtype if t.is_floating_point() else None)
+    _require(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():  # safe_open is not a mapping
+                t = f.get_tensor(key)
+                state[key] = t.to(dev, dtype if t.is_floating_point() else None)
+    except Exception as err:  # noqa: BLE001 — SafetensorError, OSError: named, one line
+        raise _unreadable(path, err) from None
     load_state_strict(model, state, str(path), assign=True)
     return model
 
@@ -195,14 +200,14 @@ class Bundle:
         config = read_config(d, verify)
         model = _load_model(config["model"], d / "model.safetensors", device, dtype)
         text = _load_text(config["text_encoder"], d / "text.safetensors")
-        codec_state = load_file(d / "codecs.safetensors")
+        codec_state = read_safetensors(d / "codecs.safetensors")
         codecs = []
         for kind in ("video", "audio"):
             entry = config["codecs"][kind]
             state = {
                 k[len(kind) + 1 :]: v for k, v in codec_state.items() if k.startswith(kind + ".")
             }
-            codecs.append(codec_class(entry["class"]).from_state(entry["config"], state))
+            codecs.append(_from_config(d, f"codecs.{kind}", _codec, entry, state))
         guide = None
         if "guide" in config:
             g = config["guide"]
@@ -219,18 +224,61 @@ class Bundle:
 def _load_model(config: dict[str, Any], path: Path, device=None, dtype=None) -> AVDiT:
     """A DiT from its config entry and weight file: fp32 on the CPU (weights stored narrower
     are cast up) unless `device`/`dtype` are given (`load_dit`)."""
-    mcfg = ModelConfig.from_dict(config)
+    mcfg = _from_config(path.parent, "model", ModelConfig.from_dict, config)
     if device is None and dtype is None:
         model = AVDiT(mcfg)
-        load_state_strict(model, load_file(path), str(path))
+        load_state_strict(model, read_safetensors(path), str(path))
         return model
     return load_dit(mcfg, path, device, dtype)
 
 
 def _load_text(config: dict[str, Any], path: Path) -> WordTextEncoder:
-    text = WordTextEncoder.from_config(config)
-    load_state_strict(text, load_file(path), str(path))
+    text = _from_config(path.parent, "text_encoder", WordTextEncoder.from_config, config)
+    load_state_strict(text, read_safetensors(path), str(path))
     return text
+
+
+def _from_config(directory: Path, where: str, build: Any, *args: Any) -> Any:
+    """`build(*args)` of one config.json entry; a wrong or unknown key becomes a BundleError
+    naming config.json and the entry (one line)."""
+    try:
+        return build(*args)
+    except BundleError:
+        raise
+    except (TypeError, ValueError, KeyError) as err:
+        msg = _one_line(err)
+        msg = msg if msg.startswith(where) else f"{where}: {msg}"
+        raise BundleError(f"{directory}/config.json: {msg}") from None
+
+
+def _codec(entry: dict[str, Any], state: dict[str, torch.Tensor]) -> Any:
+    return codec_class(entry["class"]).from_state(entry["config"], state)
+
+
+def _require(path: Path) -> None:
+    if not path.is_file():
+        raise BundleError(f"{path}: missing")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file. Anything else (missing, truncated, a pickled .pt
+    under that name) is a BundleError naming the file: nothing is ever unpickled."""
+    _require(path)
+    try:
+        return load_file(path)
+    except Exception as err:  # noqa: BLE001 — SafetensorError, OSError: named, one line
+        raise _unreadable(path, err) from None
+
+
+def _unreadable(path: Path, err: BaseException) -> BundleError:
+    return BundleError(
+        f"{path}: not a readable safetensors file ({_one_line(err)}): truncated, or another "
+        "format (pickled .pt/.bin files are never loaded)"
+    )
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _stagger(config: dict[str, Any], directory: Path) -> float:
@@ -251,9 +299,20 @@ def read_config(directory: Path, verify: bool = True) -> dict[str, Any]:
         manifest_path = directory / "manifest.json"
         if not manifest_path.is_file():
             raise BundleError(f"{directory}: manifest.json missing; refusing an unverified bundle")
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError as err:
+            raise BundleError(f"{manifest_path}: not valid JSON ({err})") from None
         _verify(directory, manifest, FILES)
-    config = json.loads((directory / "config.json").read_text())
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except ValueError as err:
+        raise BundleError(f"{directory}/config.json: not valid JSON ({err})") from None
+    unknown = sorted(set(config) - CONFIG_KEYS) if isinstance(config, dict) else ["<not a map>"]
+    if unknown:
+        raise BundleError(
+            f"{directory}/config.json: unknown key(s) {unknown}; known: {sorted(CONFIG_KEYS)}"
+        )
     if verify and "guide" in config:  # config.json is verified: it says whether a guide ships
         _verify(directory, manifest, GUIDE_FILES)
     if config.get("format") != FORMAT or config.get("version") != VERSION:
