@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,35 @@ CONFIG_KEYS = {"format", "version", "model", "text_encoder", "codecs", "extra", 
 
 class BundleError(ValueError):
     """A bundle on disk that cannot be loaded as it is (names the file or keys)."""
+
+
+# Codec and text-encoder classes that live outside model/ (model/ imports only torch), by the
+# class name a bundle's config.json records. Registered with a zero-argument loader so that
+# registering costs nothing: `pipeline` registers LTX-2's (diffusers-backed) classes on import.
+_EXTERNAL: dict[str, dict[str, tuple[Callable[[], type], str]]] = {"codec": {}, "text": {}}
+
+
+def register_codec(name: str, load: Callable[[], type], where: str) -> None:
+    """Make codec class `name` loadable from bundles: `load()` returns the class (with
+    `from_state(config, tensors)`); `where` says what provides it, for error messages."""
+    _EXTERNAL["codec"][name] = (load, where)
+
+
+def register_text_encoder(name: str, load: Callable[[], type], where: str) -> None:
+    """Make text-encoder class `name` (a config.json "class") loadable: `load()` returns an
+    nn.Module class with `from_state(config, tensors)` and a `config()` that records "class"."""
+    _EXTERNAL["text"][name] = (load, where)
+
+
+def _external(kind: str, name: str) -> type:
+    entry = _EXTERNAL[kind].get(name)
+    if entry is None:
+        hint = "" if _EXTERNAL[kind] else " (none registered: `import pipeline` registers LTX-2's)"
+        raise BundleError(
+            f"unknown {'codec' if kind == 'codec' else 'text encoder'} class {name!r}: not in "
+            f"model and not registered{hint}"
+        )
+    return entry[0]()
 
 
 def sha256_file(path: Path) -> str:
@@ -104,12 +134,35 @@ def load_dit(cfg: ModelConfig, path: Path, device=None, dtype=None) -> AVDiT:
     return model
 
 
+def bundle_config(
+    cfg: ModelConfig, text_encoder: Any, video_codec: Any, audio_codec: Any, extra: dict | None
+) -> dict[str, Any]:
+    """config.json of a bundle (without "sampler"/"guide", which only `save_pretrained` adds)."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": cfg.to_dict(),
+        "text_encoder": text_encoder.config(),
+        "codecs": {
+            kind: {"class": type(codec).__name__, "config": codec.config()}
+            for kind, codec in (("video", video_codec), ("audio", audio_codec))
+        },
+        "extra": extra or {},
+    }
+
+
+def codec_tensors(video_codec: Any, audio_codec: Any) -> dict[str, torch.Tensor]:
+    """codecs.safetensors' tensors: each codec's state under "video." / "audio."."""
+    out = {f"video.{k}": v for k, v in video_codec.state().items()}
+    return out | {f"audio.{k}": v for k, v in audio_codec.state().items()}
+
+
 @dataclass
 class Bundle:
     model: AVDiT
     video_codec: Any
     audio_codec: Any
-    text_encoder: WordTextEncoder
+    text_encoder: Any  # model.text.TextEncoder: WordTextEncoder, or a registered class
     guide: Guide | None = None  # autoguidance for the teacher's samplers (model.guidance)
     stagger: float = 0.0  # the teacher sampler's Δ (flow.staggered_sigmas); 0: joint schedule
 
@@ -120,6 +173,9 @@ class Bundle:
     def to(self, device=None, dtype=None) -> Bundle:
         self.model.to(device=device, dtype=dtype)
         self.text_encoder.to(device=device)
+        for codec in (self.video_codec, self.audio_codec):
+            if hasattr(codec, "to"):  # learned codecs (LTX-2's VAEs); ours are fixed tables
+                codec.to(device)
         if self.guide is not None:
             self.guide.to(device, dtype)
         return self
@@ -136,25 +192,10 @@ class Bundle:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
-            codec_state = {f"video.{k}": v for k, v in self.video_codec.state().items()}
-            codec_state |= {f"audio.{k}": v for k, v in self.audio_codec.state().items()}
-            config = {
-                "format": FORMAT,
-                "version": VERSION,
-                "model": self.model.cfg.to_dict(),
-                "text_encoder": self.text_encoder.config(),
-                "codecs": {
-                    "video": {
-                        "class": type(self.video_codec).__name__,
-                        "config": self.video_codec.config(),
-                    },
-                    "audio": {
-                        "class": type(self.audio_codec).__name__,
-                        "config": self.audio_codec.config(),
-                    },
-                },
-                "extra": extra or {},
-            }
+            codec_state = codec_tensors(self.video_codec, self.audio_codec)
+            config = bundle_config(
+                self.model.cfg, self.text_encoder, self.video_codec, self.audio_codec, extra
+            )
             if self.stagger:
                 config["sampler"] = {"stagger": float(self.stagger)}
             files = FILES
@@ -232,7 +273,15 @@ def _load_model(config: dict[str, Any], path: Path, device=None, dtype=None) -> 
     return load_dit(mcfg, path, device, dtype)
 
 
-def _load_text(config: dict[str, Any], path: Path) -> WordTextEncoder:
+def _load_text(config: dict[str, Any], path: Path) -> Any:
+    """The text encoder of a config.json entry: our WordTextEncoder (no "class" key: every
+    bundle before registered encoders existed), else the registered class's `from_state`."""
+    if "class" in config:
+        state = read_safetensors(path)
+        name = config["class"]
+        return _from_config(
+            path.parent, "text_encoder", lambda: _external("text", name).from_state(config, state)
+        )
     text = _from_config(path.parent, "text_encoder", WordTextEncoder.from_config, config)
     load_state_strict(text, read_safetensors(path), str(path))
     return text
@@ -295,6 +344,7 @@ def read_config(directory: Path, verify: bool = True) -> dict[str, Any]:
     """Read and check a bundle's config.json (and its manifest checksums when `verify`)."""
     if not (directory / "config.json").is_file():
         raise BundleError(f"{directory}: not a bundle (no config.json)")
+    _refuse_dit_only(directory)
     if verify:
         manifest_path = directory / "manifest.json"
         if not manifest_path.is_file():
@@ -323,6 +373,23 @@ def read_config(directory: Path, verify: bool = True) -> dict[str, Any]:
     return config
 
 
+def _refuse_dit_only(directory: Path) -> None:
+    """A DiT-only bundle (model.dit_bundle: `omniforcing import ltx2` from a transformer folder)
+    has no codecs or text encoder: say so, and how to import the rest, in one line."""
+    try:
+        fmt = json.loads((directory / "config.json").read_text()).get("format")
+    except (ValueError, AttributeError):
+        return  # read_config names a malformed config.json itself
+    if fmt == "omniforcing-dit":
+        raise BundleError(
+            f"{directory}: a DiT-only bundle (LTX-2's transformer alone): it lacks the video/audio "
+            "VAEs, vocoder and Gemma-3 text encoder + connectors that generation needs; import "
+            "all of them with `omniforcing import ltx2 --from <LTX2Pipeline folder with "
+            "transformer/ vae/ audio_vae/ vocoder/ text_encoder/ tokenizer/ connectors/> --out "
+            "<bundle>` (load this one with model.dit_bundle.load_dit_bundle)"
+        )
+
+
 def _verify(directory: Path, manifest: dict[str, str], names: tuple[str, ...]) -> None:
     for name in names:
         if not (directory / name).is_file():
@@ -335,10 +402,8 @@ def _verify(directory: Path, manifest: dict[str, str], names: tuple[str, ...]) -
 
 
 def codec_class(name: str):
-    """Resolve a codec class by name from model.codecs (the only place codecs live)."""
+    """Resolve a codec class by name: model.codecs' own, else a registered one."""
     from .codecs import _CODECS  # the one type-name → class table of the codecs
 
     cls = _CODECS.get(name)
-    if cls is None:
-        raise BundleError(f"unknown codec class {name!r} (not in model.codecs)")
-    return cls
+    return cls if cls is not None else _external("codec", name)

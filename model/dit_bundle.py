@@ -1,4 +1,5 @@
-"""A DiT-only bundle: an imported transformer whose codecs and text encoder we do not have yet.
+"""A DiT-only bundle (an imported transformer without codecs or a text encoder), and streamed
+full bundles (`write_streamed_bundle`: an imported teacher with all its parts).
 
 On disk: `config.json` (`"format": "omniforcing-dit"`, the model config, a `"source"` entry that
 says where the weights came from, their files' sha256s and what the bundle lacks),
@@ -26,7 +27,15 @@ from typing import Any
 
 import torch
 
-from .bundle import BundleError, load_dit, sha256_file
+from .bundle import (
+    FILES,
+    BundleError,
+    _contiguous,
+    bundle_config,
+    codec_tensors,
+    load_dit,
+    sha256_file,
+)
 from .config import ModelConfig
 from .dit import AVDiT
 
@@ -70,17 +79,54 @@ def write_dit_bundle(
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         manifest = {name: sha256_file(tmp / name) for name in DIT_FILES}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def write_streamed_bundle(
+    directory: str | os.PathLike,
+    cfg: ModelConfig,
+    entries: list[Entry],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    parts: tuple[Any, Any, Any],
+    extra: dict[str, Any],
+) -> Path:
+    """Write a full `model.bundle.Bundle` (the format `Bundle.save_pretrained` writes) whose DiT
+    weights are streamed as in `write_dit_bundle`; `parts` = (video codec, audio codec, text
+    encoder), saved as `save_pretrained` saves them. For an imported teacher too large to hold
+    twice in host memory (LTX-2: 38 GB of DiT in bf16)."""
+    from safetensors.torch import save_file
+
+    video, audio, text = parts
+    out = Path(directory)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _stream_safetensors(tmp / "model.safetensors", entries, tensors)
+        save_file(_contiguous(text.state_dict()), tmp / "text.safetensors")
+        save_file(_contiguous(codec_tensors(video, audio)), tmp / "codecs.safetensors")
+        config = bundle_config(cfg, text, video, audio, extra)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        manifest = {name: sha256_file(tmp / name) for name in FILES}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        _replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename the finished folder `tmp` to `out`, replacing an existing one."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
 
 
 def _stream_safetensors(

@@ -79,6 +79,22 @@ def rollout_blocks(
         yield k, x0v, x0a
 
 
+def decode_chunk(
+    codec, latents: torch.Tensor, start: int, context: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """codec.decode(latents [n, ...], start) → (decoded chunk, context for the next chunk).
+
+    A codec with `context_latents` > 0 (a learned VAE whose decoder reads neighbouring latents:
+    pipeline.ltx2's) also gets the latents just before `start`, and the tail of what it has
+    seen comes back for the next call; our own codecs decode each latent alone and get none."""
+    want = getattr(codec, "context_latents", 0)
+    if not want:
+        return codec.decode(latents, start=start), None
+    out = codec.decode(latents, start=start, context=context)
+    seen = latents if context is None else torch.cat([context, latents])
+    return out, seen[-want:]
+
+
 # Rolling window (blocks of one second, per modality) of a served stream: the 5 s the students are
 # distilled on. Memory and cost per second stay flat however long a stream runs; clips of up to
 # 5 s are the same as with no window (the first eviction happens after block 5 is committed).
@@ -147,11 +163,12 @@ class StreamingGenerator:
             view, cache = self.model, self.new_cache(prompt, seconds)
         layout = BlockLayout(seconds, cfg.video_block_latents, cfg.audio_block_latents)
         t_prev = start
+        vctx = actx = None  # latents before this chunk, for codecs that read them (LTX-2's)
         for k, x0v, x0a in rollout_blocks(view, cache, seconds, self.sigmas, gen):
             v0, _ = layout.video_range(k)
             a0, _ = layout.audio_range(k)
-            frames = self.bundle.video_codec.decode(x0v[0].float().cpu(), start=v0)
-            audio = self.bundle.audio_codec.decode(x0a[0].float().cpu(), start=a0)
+            frames, vctx = decode_chunk(self.bundle.video_codec, x0v[0].float().cpu(), v0, vctx)
+            audio, actx = decode_chunk(self.bundle.audio_codec, x0a[0].float().cpu(), a0, actx)
             now = time.perf_counter()
             t0 = 0.0 if k == 0 else (1 + cfg.fps * (k - 1)) / cfg.fps
             yield Chunk(

@@ -1,9 +1,10 @@
-"""`omniforcing import ltx2 --from PATH --out BUNDLE`: a diffusers LTX-2.0 transformer (local or
-s3://, sharded or not, or a whole pipeline folder) → a DiT-only bundle (model.dit_bundle).
+"""`omniforcing import ltx2 --from PATH --out BUNDLE`: a diffusers LTX-2.0 pipeline folder (local
+or s3://) → a full teacher bundle; a transformer folder alone (sharded or not) → a DiT-only
+bundle (model.dit_bundle).
 
 Errors (unsupported config options, missing / unexpected / mis-shaped weights) are one line with
-exit code 2. The message on success says what the bundle lacks: LTX-2's codecs and text encoder
-are not imported yet, so it cannot serve or teach until they are.
+exit code 2. The message on success says which kind was written, and for a DiT-only bundle what
+it lacks (it cannot serve or teach until the rest is imported).
 """
 
 from __future__ import annotations
@@ -32,8 +33,14 @@ def ltx2_cmd(
         str, typer.Option(help="Latent grid h,w the model works at (LTX-2: 512×768 → 16,24).")
     ] = "16,24",
     dtype: Annotated[str, typer.Option(help="Weights on disk: " + ", ".join(_DTYPES))] = "bfloat16",
+    max_len: Annotated[
+        int, typer.Option(help="Prompt tokens of the Gemma text encoder (LTX-2: 1024).")
+    ] = 1024,
 ) -> None:
-    """Import LTX-2.0's transformer (diffusers format) as a DiT-only bundle."""
+    """Import LTX-2.0 (diffusers format): a whole pipeline folder → a teacher bundle; a
+    transformer alone → a DiT-only bundle."""
+    import json
+
     import torch
 
     from pipeline.commands import console, user_errors
@@ -48,12 +55,14 @@ def ltx2_cmd(
             raise ValueError(
                 f"--latent-hw {latent_hw!r}: expected two integers, e.g. 16,24"
             ) from None
-        path = import_ltx2(source, out, (h, w), getattr(torch, dtype))
-    console.print(
-        f"[green]imported[/] {path} (DiT only: {MISSING}; read it with "
-        "model.dit_bundle.load_dit_bundle)",
-        highlight=False,
-    )
+        path = import_ltx2(source, out, (h, w), getattr(torch, dtype), max_len=max_len)
+    config = json.loads((path / "config.json").read_text())
+    if config.get("format") == "omniforcing-dit":
+        missing = config["source"].get("missing", MISSING)
+        note = f"DiT only: {missing}; read it with model.dit_bundle.load_dit_bundle"
+    else:
+        note = "teacher bundle: DiT, LTX-2's VAEs + vocoder, Gemma 3 + connectors"
+    console.print(f"[green]imported[/] {path} ({note})", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,9 +8,11 @@ line. Then shards are read one at a time (an S3 shard is copied to a temporary f
 deleted after), one tensor at a time, each cast straight to the target dtype and device: no full
 host copy of the model, no fp32 detour.
 
-What LTX-2 does not give us yet: its video/audio VAEs, vocoder and the Gemma-3 text encoder with
-its connectors. The import therefore writes a DiT-only bundle (model.dit_bundle) that says so;
-`Bundle.from_pretrained` cannot load it as a teacher until those codecs exist.
+From a whole pipeline folder (transformer/ plus vae/, audio_vae/, vocoder/, text_encoder/,
+tokenizer/, connectors/) the import writes a full teacher bundle: the DiT streamed as above, LTX-2's
+codecs and Gemma-3 text encoder (pipeline/ltx2/components.py) beside it, one sha256 manifest over
+all of it. From a transformer alone it writes a DiT-only bundle (model.dit_bundle) that says what
+it lacks, and `Bundle.from_pretrained` refuses that one in one line saying how to import the rest.
 """
 
 from __future__ import annotations
@@ -33,13 +35,13 @@ from data.shards import resolve
 from model.bundle import load_state_strict, sha256_file
 from model.config import ModelConfig
 from model.dit import AVDiT
-from model.dit_bundle import Entry, write_dit_bundle
+from model.dit_bundle import Entry, write_dit_bundle, write_streamed_bundle
 from pipeline.ltx2.config import model_config_from_diffusers
 from pipeline.ltx2.keymap import key_map
 
 MISSING = (
     "LTX-2's video/audio VAEs, vocoder and Gemma-3 text encoder + connectors are not imported "
-    "yet: this bundle holds the transformer only"
+    "yet: this bundle holds the transformer only; import a whole LTX2Pipeline folder for them"
 )
 _INDEX = "diffusion_pytorch_model.safetensors.index.json"
 _SINGLE = "diffusion_pytorch_model.safetensors"
@@ -183,9 +185,15 @@ def import_ltx2(
     latent_hw: tuple[int, int] = (16, 24),
     dtype: torch.dtype = torch.bfloat16,
     name: str = "ltx2",
+    max_len: int = 1024,
 ) -> Path:
-    """Write the DiT-only bundle of a diffusers LTX-2 folder: weights in `dtype`, the source's
-    path, config and files' sha256s recorded, and what the bundle lacks (MISSING) stated."""
+    """Import a diffusers LTX-2 folder. A pipeline folder with every part (pipeline.ltx2.components
+    .PARTS) becomes a full teacher bundle (model.bundle format: DiT, LTX-2's codecs and text
+    encoder); a transformer alone, or a folder missing parts, a DiT-only bundle whose record says
+    what it lacks (MISSING). Weights in `dtype`; the source's path, config and files' sha256s are
+    recorded either way. `max_len`: prompt tokens of the text encoder (LTX-2: 1024)."""
+    from pipeline.ltx2.components import load_parts, local_pipeline, missing_parts
+
     source = open_source(path)
     cfg = model_config_from_diffusers(source.config, latent_hw=latent_hw, name=name)
     layout = plan(source, cfg)
@@ -195,6 +203,7 @@ def import_ltx2(
         for _, ours, code, shape in pairs
     ]
     hashes: dict[str, str] = {}
+    lacks = missing_parts(path)
     record = {
         "from": "diffusers",
         "class": "LTX2VideoTransformer3DModel",
@@ -203,7 +212,14 @@ def import_ltx2(
         "config_sha256": hashlib.sha256(source.fs.cat(f"{source.root}/config.json")).hexdigest(),
         "files": hashes,  # sha256 per shard, filled as each is read (config.json is written last)
         "key_map": "pipeline/ltx2/keymap.py (diffusers name -> ours)",
-        "missing": MISSING,
     }
     stream = tensors(source, layout, dtype, None, hashes)
-    return write_dit_bundle(out, cfg, entries, stream, record)
+    if lacks:
+        record["missing"] = f"{MISSING} (the source has no {', '.join(lacks)})"
+        return write_dit_bundle(out, cfg, entries, stream, record)
+    with local_pipeline(path) as root:
+        parts = load_parts(root, latent_hw, dtype, max_len)
+    record["parts"] = (
+        "vae, audio_vae, vocoder, text_encoder (Gemma 3 language model), tokenizer, connectors"
+    )
+    return write_streamed_bundle(out, cfg, entries, stream, parts, {"source": record})
