@@ -1,4 +1,4 @@
-"""`omniforcing data ...`: synth, inspect, fit-codec (a typer sub-app).
+"""`omniforcing data ...`: synth, inspect, fit-codec, fit-drawer (a typer sub-app).
 
 Holds only argument parsing, rich progress bars and printing; the work is in data/shards.py and
 data/inspect.py. `register(app)` adds the `data` group; pipeline/cli.py calls it.
@@ -84,6 +84,29 @@ def fit_codec(
 
     with _progress("round trip", max_clips) as tick:
         report = run(path, out, max_clips=max_clips, progress=tick, grid=grid)
+    _print(report)
+
+
+@data_app.command("fit-drawer")
+def fit_drawer(
+    source: Annotated[str, typer.Argument(help="a bundle folder or a codec folder (codec.json)")],
+    out: Annotated[str, typer.Option(help="where to write it back, with the drawer")],
+    steps: Annotated[int, typer.Option(min=1, help="training steps")] = 3000,
+    batch: Annotated[int, typer.Option(min=1, help="latents per step")] = 16,
+    width: Annotated[int, typer.Option(min=8, help="drawer channels at the cell grid")] = 48,
+    seed: Annotated[int, typer.Option(help="first world seed of the training clips")] = 0,
+    balls: Annotated[int, typer.Option(min=1, max=4, help="at most this many balls")] = 2,
+    record: Annotated[str | None, typer.Option(help="folder for drawer-fit.json + PNG")] = None,
+) -> None:
+    """Teach the video codec to draw: fit a CellDrawer on world clips; report PSNR and peak."""
+    from data.draw import fit_and_save
+
+    with _progress("fit drawer", steps) as tick:
+        try:
+            report = fit_and_save(source, out, steps, batch, width, seed, balls,
+                                  record=record, progress=lambda s, _loss: tick(s))  # fmt: skip
+        except (ValueError, FileNotFoundError) as err:
+            raise typer.BadParameter(str(err)) from err
     _print(report)
 
 

@@ -1,7 +1,9 @@
 """`CellVideoCodec`: the embedded video codec (part of `model.codecs`, which re-exports it).
 
 Latent [1 + k, g, g, 6] per clip of 1 + 8k frames: mean RGB of each cell over an 8-frame group
-plus 3 temporal DCT-II coefficients of cell luminance. Torch only.
+plus 3 temporal DCT-II coefficients of cell luminance. Decoded linearly, or, when the codec
+carries a fitted `CellDrawer` (model.codecs.drawer), drawn: the linear decode plus the drawer's
+learned correction, which puts back the crisp balls the cell means blur. Torch only.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .drawer import CellDrawer
 from .norm import _load_norm, _Stats
 
 LUMA = (0.299, 0.587, 0.114)
@@ -55,6 +58,7 @@ class CellVideoCodec:
         blur_sigma: float = 1.0,
         mean: torch.Tensor | None = None,
         std: torch.Tensor | None = None,
+        drawer: CellDrawer | None = None,
     ) -> None:
         if grid < 1 or height % grid or width % grid:
             raise ValueError(
@@ -68,9 +72,10 @@ class CellVideoCodec:
         self._blur = _blur_matrix(grid, blur_sigma)  # [g, g]
         self._basis = _dct_basis()  # [8, 3]
         self._luma = torch.tensor(LUMA)
+        self.drawer = drawer.eval().requires_grad_(False) if drawer is not None else None
 
     def config(self) -> dict[str, Any]:
-        return {
+        cfg = {
             "type": "CellVideoCodec",
             "height": self.height,
             "width": self.width,
@@ -78,18 +83,36 @@ class CellVideoCodec:
             "blur_sigma": self.blur_sigma,
             "fitted": self.fitted,
         }
+        if self.drawer is not None:
+            cfg["drawer"] = dict(self.drawer.spec)
+        return cfg
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"mean": self.mean.clone(), "std": self.std.clone()}
+        out = {"mean": self.mean.clone(), "std": self.std.clone()}
+        if self.drawer is not None:
+            out |= {f"drawer.{k}": v.clone() for k, v in self.drawer.state_dict().items()}
+        return out
 
     @classmethod
     def from_state(cls, config: dict[str, Any], state: dict[str, torch.Tensor]) -> CellVideoCodec:
         kw = {k: config[k] for k in ("height", "width", "grid", "blur_sigma")}
-        mean, std = _load_norm(state, cls.latent_channels, "CellVideoCodec")
+        norm = {k: v for k, v in state.items() if not k.startswith("drawer.")}
+        mean, std = _load_norm(norm, cls.latent_channels, "CellVideoCodec")
+        drawer = None
+        if "drawer" in config:  # bundles from before the drawer have none: linear decode
+            drawer = _load_drawer(config["drawer"], state)
         return cls(
             **kw,
             mean=mean if config.get("fitted", True) else None,
             std=std if config.get("fitted", True) else None,
+            drawer=drawer,
+        )
+
+    def with_drawer(self, drawer: CellDrawer | None) -> CellVideoCodec:
+        """The same codec (same standardisation) decoding through `drawer` (None: linear)."""
+        mean, std = (self.mean, self.std) if self.fitted else (None, None)
+        return CellVideoCodec(
+            self.height, self.width, self.grid, self.blur_sigma, mean, std, drawer
         )
 
     def _check_frames(self, frames: torch.Tensor) -> torch.Tensor:
@@ -140,6 +163,27 @@ class CellVideoCodec:
         direction = pos / (pos @ self._luma).clamp_min(0.02)[..., None]  # [g, g, 3], luma 1
         return m[None] + dy[..., None] * direction[None]
 
+    def linear_frames(self, z: torch.Tensor, lone: bool) -> torch.Tensor:
+        """One standardised latent [g, g, 6] → float frames [8, H, W, 3] of the linear decode
+        (a lone first latent's one frame repeated 8 times: the drawer's fixed output shape)."""
+        cells = self._decode_one(z * self.std + self.mean, lone)
+        img = F.interpolate(
+            cells.permute(0, 3, 1, 2),
+            size=(self.height, self.width),
+            mode="bilinear",
+            align_corners=False,
+        ).permute(0, 2, 3, 1)
+        return img.expand(8, -1, -1, -1) if lone else img
+
+    @torch.no_grad()
+    def _frames(self, z: torch.Tensor, lone: bool) -> torch.Tensor:
+        """One standardised latent → uint8 [1 or 8, H, W, 3]."""
+        x = self.linear_frames(z, lone)
+        if self.drawer is not None:
+            x = x + self.drawer(z[None], torch.tensor([lone]))[0]
+        x = x[:1] if lone else x
+        return (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+
     def decode(self, latents: torch.Tensor, start: int = 0) -> torch.Tensor:
         """float [n, g, g, 6] -> uint8 [F', H, W, 3]; F' = 1 + 8(n - 1) if start == 0 else 8n."""
         lat = torch.as_tensor(latents).float()
@@ -149,16 +193,30 @@ class CellVideoCodec:
                 f"video latents must be [n, {g}, {g}, {self.latent_channels}], "
                 f"got {tuple(lat.shape)}"
             )
-        out = []
-        for i in range(lat.shape[0]):
-            cells = self._decode_one(lat[i] * self.std + self.mean, start == 0 and i == 0)
-            img = F.interpolate(
-                cells.permute(0, 3, 1, 2),
-                size=(self.height, self.width),
-                mode="bilinear",
-                align_corners=False,
-            )
-            out.append((img.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1))
+        out = [self._frames(lat[i], start == 0 and i == 0) for i in range(lat.shape[0])]
         if not out:
             return torch.zeros(0, self.height, self.width, 3, dtype=torch.uint8)
         return torch.cat(out, 0)
+
+
+def _load_drawer(spec: dict[str, Any], state: dict[str, torch.Tensor]) -> CellDrawer:
+    """The drawer a codec config names, with exactly its tensors (missing/extra keys named)."""
+    try:
+        drawer = CellDrawer(**spec)
+    except TypeError as err:
+        raise ValueError(f"CellVideoCodec config 'drawer' {spec!r}: {err}") from None
+    weights = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("drawer.")}
+    want = drawer.state_dict()
+    missing, unexpected = sorted(set(want) - set(weights)), sorted(set(weights) - set(want))
+    if missing or unexpected:
+        raise ValueError(
+            f"CellVideoCodec drawer tensors: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
+    for k, v in want.items():
+        if v.shape != weights[k].shape:
+            raise ValueError(
+                f"CellVideoCodec drawer tensor drawer.{k}: shape {tuple(weights[k].shape)}, "
+                f"expected {tuple(v.shape)}"
+            )
+    drawer.load_state_dict({k: v.float() for k, v in weights.items()})
+    return drawer
