@@ -66,14 +66,22 @@ def _s3_filesystem(endpoint: str | None, region: str) -> pafs.FileSystem:
     endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL")
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     if not endpoint:
-        kw: dict[str, Any] = {"region": region}
+        # AWS's standard retries (exponential backoff, connection errors included), longer.
+        kw: dict[str, Any] = {
+            "region": region,
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=12),
+        }
         if key:
             kw.update(access_key=key, secret_key=secret or "")
         return pafs.S3FileSystem(**kw)
-    import s3fs
+    from pipeline.s3 import RetryingS3FileSystem, retry_budget_s  # waits out an outage
 
-    fs = s3fs.S3FileSystem(
-        endpoint_url=endpoint, key=key, secret=secret, client_kwargs={"region_name": region}
+    fs = RetryingS3FileSystem(
+        endpoint_url=endpoint,
+        key=key,
+        secret=secret,
+        client_kwargs={"region_name": region},
+        retry_s=retry_budget_s(),
     )
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 

@@ -30,12 +30,20 @@ SetOpt = Annotated[
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Print ConfigError/ValueError/FileNotFoundError cleanly and exit 2."""
+    """Print ConfigError/ValueError/FileNotFoundError cleanly and exit 2; a failed training
+    job (pipeline.trainer.TrainingFailed: run, last checkpoint, reason) the same way, exit 1."""
     try:
         yield
     except (ConfigError, ValueError, FileNotFoundError) as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
         raise typer.Exit(2) from None
+    except RuntimeError as err:
+        from pipeline.trainer import TrainingFailed  # imported only when something failed
+
+        if not isinstance(err, TrainingFailed):
+            raise
+        console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
+        raise typer.Exit(1) from None
 
 
 @contextlib.contextmanager

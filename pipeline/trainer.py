@@ -76,7 +76,7 @@ def ensure_ray(cfg: JobConfig) -> None:
 def _stage_dataset(cfg: JobConfig, stage: str) -> Any:
     """The job's dataset, passed through the stage's optional driver-side `prepare_dataset`
     hook (e.g. the `ode` stage's teacher-scoring actor pool)."""
-    ds = build_dataset(cfg)
+    ds = build_dataset(cfg, stage)
     hook = getattr(get_stage(stage), "prepare_dataset", None)
     return hook(ds, cfg) if hook is not None else ds
 
@@ -95,8 +95,9 @@ def stage_driver(cfg: JobConfig, stage: str) -> Iterator[dict[str, Any]]:
         yield dict(extra)
 
 
-def build_dataset(cfg: JobConfig) -> Any:
-    """Rows {key, caption, video [Fv,h,w,C], audio [Fa,C]}: shards (the real path) or random."""
+def build_dataset(cfg: JobConfig, stage: str | None = None) -> Any:
+    """Rows {key, caption, video [Fv,h,w,C], audio [Fa,C]}: shards (the real path) or random.
+    Shards are encoded with the codecs `data.codecs` picks for `stage` (data_codecs)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -104,11 +105,12 @@ def build_dataset(cfg: JobConfig) -> Any:
     ctx.enable_progress_bars = False
     if cfg.data.source == "shards":
         from data.ray_data import latent_dataset
+        from pipeline.distill.data_codecs import codec_source
 
         # S3 endpoint and keys come from the environment (AWS_ENDPOINT_URL, AWS_*), see data/.
         ds = latent_dataset(
             cfg.data.path,
-            cfg.data.codec_dir or cfg.data.path.rstrip("/") + "/codecs",
+            codec_source(cfg, stage),
             wait_for_min_actors_s=cfg.data.actor_start_timeout_s,
         )
         if cfg.data.clips:
@@ -256,11 +258,30 @@ def _fit(
     }
     with stage_driver(cfg, stage) as extra:
         loop_cfg["worker_extra"] = extra
-        result = _trainer(cfg, loop_cfg, ray_name, storage).fit()
+        try:
+            result = _trainer(cfg, loop_cfg, ray_name, storage).fit()
+        except Exception as err:  # Ray's TrainingFailedError: a traceback's worth of text
+            tags = client.get_run(run_id).data.tags
+            raise TrainingFailed(
+                f"{stage} run {run_id} failed; last checkpoint step "
+                f"{tags.get(tracking.CKPT_STEP_TAG, 'none')} ({tags.get(tracking.CKPT_TAG, '-')}),"
+                f" resume with --resume {run_id}: {_reason(err)}"
+            ) from err
     ckpt = result.checkpoint or (
         ck.open_uri(resume_from, cfg.storage.endpoint, cfg.storage.region) if resume_from else None
     )
     return _publish(client, run_id, ckpt) if ckpt else 0
+
+
+class TrainingFailed(RuntimeError):
+    """A stage's Ray Train job failed (workers out of retries, storage unreachable, …)."""
+
+
+def _reason(err: BaseException) -> str:
+    """The last line of Ray's error that says what went wrong (one line)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Traceback", "File ", "^", "~"))]
+    return (useful or lines or [type(err).__name__])[-1]
 
 
 def _publish(client: Any, run_id: str, ckpt: Any) -> int:
