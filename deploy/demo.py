@@ -114,8 +114,15 @@ def summarise(summary: dict[str, Any], root: Path, clip: Path, wall_s: float) ->
             f"teacher {_f(t, 'colour_acc')} / {_f(t, 'pitch_acc')}, student "
             f"{_f(s, 'colour_acc')} / {_f(s, 'pitch_acc')}",
         ),
+        (
+            "ball in frames / contrast",
+            "  ".join(
+                f"{k} {_f(r, 'ball_visible_frac')} / {_f(r, 'ball_contrast')}"
+                for k, r in summary["eval"].items()
+            ),
+        ),
         ("speed-up student vs teacher", _speedup(t, s)),
-        ("teacher vs student report", str(root / "eval" / "eval.png")),
+        ("real / codec / teacher / student", str(root / "eval" / "eval.png")),
         ("wall time", f"{wall_s:.0f} s"),
     ]
     table = Table(title="OmniForcing demo", show_header=False)

@@ -129,8 +129,10 @@ def compare(
     teacher_dir: str, student_uri: str, n: int, seconds: int, out: Path, run_id: str
 ) -> dict:
     """Teacher and student on the same one-ball world prompts and seeds (so caption adherence
-    counts), the same report as `omniforcing eval --compare`: table, eval/eval.json, eval/eval.png
-    (frames over waveform, contacts marked), all logged to the demo's parent MLflow run."""
+    counts), beside the real clips of those prompts and their codec round trip (what a model can
+    at best show): the same report as `omniforcing eval --compare`: table, eval/eval.json,
+    eval/eval.png (real / codec / teacher / student frames over each waveform, contacts marked),
+    all logged to the demo's parent MLflow run."""
     from pipeline import eval_commands, evaluate
     from pipeline.registry import load_bundle
 
@@ -138,7 +140,8 @@ def compare(
     cfg = bundles["teacher"].config
     truth = evaluate.world_clips(n, seconds, 1000, cfg.height, cfg.width, max_balls=1)
     prompts = [c.meta["caption"] for c in truth]
-    sets = {k: evaluate.generate(b, prompts, seconds, seed=1000) for k, b in bundles.items()}
+    sets = {"real": truth, "codec": evaluate.ceiling(bundles["teacher"], truth)}
+    sets |= {k: evaluate.generate(b, prompts, seconds, seed=1000) for k, b in bundles.items()}
     reports = {k: evaluate.evaluate(clips) for k, clips in sets.items()}
     console.print(eval_commands.report_table(reports, "teacher vs student (same prompts, seeds)"))
     files = [

@@ -175,3 +175,25 @@ def test_clip_bootstrap_interval_brackets_the_recall_and_narrows_with_more_clips
     assert lo < 0.75 < hi  # covers the true share
     assert all(np.isnan(clip_bootstrap_interval(few[:1], TOL)))
     assert all(np.isnan(clip_bootstrap_interval([([], [0.1]), ([], [])], TOL)))
+
+
+def test_appearance_of_real_and_smudged_balls() -> None:
+    """A rendered ball is visible in every frame at its true radius; the cell codec's linear
+    round trip of it is a dim, wide smudge; an empty clip has no ball."""
+    import torch
+
+    from data.sync import appearance
+    from data.world import BACKGROUND, render_clip
+    from model.codecs import fit_codecs
+
+    clip = render_clip(1001, max_balls=1)
+    real = appearance(clip.frames)
+    assert real["ball_visible_frac"] == 1.0 and real["ball_contrast"] > 0.8
+    assert abs(real["ball_radius_px"] - clip.meta["balls"][0]["radius"]) < 0.5
+    video, _ = fit_codecs([(clip.frames, clip.audio)])
+    smudge = appearance(video.decode(video.encode(torch.as_tensor(clip.frames))).numpy())
+    assert smudge["ball_contrast"] < 0.5 * real["ball_contrast"]
+    assert smudge["ball_visible_frac"] < 1.0
+    empty = np.full_like(clip.frames, round(BACKGROUND * 255))
+    none = appearance(empty)
+    assert none["ball_visible_frac"] == 0.0 and none["ball_radius_px"] != none["ball_radius_px"]

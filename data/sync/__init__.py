@@ -20,6 +20,7 @@ import numpy as np
 
 # The detectors' tuning constants are public names too (read them here; they are defined, and
 # take effect, in the submodule: assigning data.sync.X does not retune the detector).
+from data.sync.appearance import VISIBLE_CONTRAST, appearance, summarise_appearance
 from data.sync.audio import (
     ONSET_DROP_DB,
     ONSET_FLOOR_DB,
@@ -50,8 +51,10 @@ __all__ = [
     "ONSET_MIN_GAP_S",
     "ONSET_WINDOW_S",
     "TRACK_RADIUS",
+    "VISIBLE_CONTRAST",
     "WALL_PX_AT_64",
     "analyse_motion",
+    "appearance",
     "detect_contacts",
     "detect_onsets",
     "dominant_colour",
@@ -61,6 +64,7 @@ __all__ = [
     "motion_stats",
     "shuffled_chance",
     "summarise",
+    "summarise_appearance",
     "sync_report",
     "track_blobs",
     "wall_contacts",
@@ -180,6 +184,7 @@ def clip_row(
         "speed_px_s": m["speed_px_s"],
         "colour": dominant_colour(frames),
         "pitch": dominant_pitch(audio, sr),
+        **appearance(frames),  # what a viewer sees: visible share, contrast, radius
     }
     if meta.get("caption"):
         try:
@@ -241,6 +246,7 @@ def summarise(rows: list[dict[str, Any]], tol: float = 0.040) -> dict[str, Any]:
         "median_offset_ms": float(np.median(finite) * 1e3) if len(finite) else float("nan"),
         "p90_offset_ms": float(np.percentile(finite, 90) * 1e3) if len(finite) else float("nan"),
     }
+    out |= summarise_appearance(rows)
     for key, name in (
         ("colour_ok", "colour_acc"),
         ("pitch_ok", "pitch_acc"),
