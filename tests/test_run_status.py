@@ -85,6 +85,25 @@ def test_sigterm_marks_the_cli_run_killed(
     assert signal.getsignal(signal.SIGTERM) is not None  # the handler was put back
 
 
+def test_failed_training_is_one_cli_line(
+    mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.trainer as trainer
+    from pipeline.cli import app
+
+    def fit(*_args, **_kw) -> int:
+        raise trainer.TrainingFailed("teacher run x failed; last checkpoint step 2 (…): why")
+
+    monkeypatch.setattr(trainer, "_fit", fit)
+    args = ["train", "teacher", "-c", str(CONFIG), "--set", f"storage.path={tmp_path}"]
+    res = CliRunner().invoke(app, [*args, "--set", "mlflow.experiment=fails"])
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert errors == ["error: teacher run x failed; last checkpoint step 2 (…): why"]
+    run = tracking.find_run(MlflowClient(mlflow_uri), "fails", "latest", "teacher")
+    assert _status(mlflow_uri, run.info.run_id) == ("FAILED", "failed")
+
+
 def test_pipeline_parent_run_ends_finished_or_failed(
     mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
