@@ -1,6 +1,8 @@
 """Browser test: headless Chromium opens the live page of a real Serve app, streams a clip over the
-WebSocket, and a screenshot of the canvas shows drawn frames; the page reports its first-frame
-time. Chromium is driven over the DevTools protocol (its own WebSocket), no extra packages."""
+WebSocket, and a screenshot of the canvas shows the ball a viewer should see (the `synthetic:`
+backend draws a known ball: contrast, size, place and colour are checked, not just "something was
+drawn"); the page reports its first-frame time. Chromium is driven over the DevTools protocol (its
+own WebSocket), no extra packages. Real models stream over HTTP/WebSocket in tests/test_serve.py."""
 
 from __future__ import annotations
 
@@ -58,8 +60,8 @@ class DevTools:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle_dir, ray_local):
-    with running_serve(str(tiny_bundle_dir), max_streams=2, max_seconds=10) as url:
+def server(ray_local):
+    with running_serve("synthetic:0.02", max_streams=2, max_seconds=10) as url:
         yield url
 
 
@@ -129,8 +131,16 @@ def test_page_plays_the_stream_and_reports_first_frame(
     (tmp_path / "page.png").write_bytes(png)
     pixels = mpimg.imread(io.BytesIO(png), format="png")[1:-1, 1:-1, :3]  # inside the 1px border
     assert pixels.shape[:2] == (384, 384)
-    # The canvas starts black; the tiny model's frames are colourful noise. Drawn frames show as
-    # bright, varied pixels across the whole canvas.
-    assert pixels.mean() > 0.05 and pixels.std() > 0.05
-    assert (pixels.max(axis=-1) > 0.1).mean() > 0.2
-    assert len(np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0)) > 8
+    # The last frame drawn is frame 48: the ball (radius 6 of 64 px, ×6 on the 384 px canvas) at
+    # x = 8 + 96 mod 48 = 8 px, y = 32 px, in the colour seed 4 gives it, on a dark background.
+    from data.sync import appearance
+
+    shot_u8 = (pixels * 255).round().astype(np.uint8)
+    seen = appearance(shot_u8[None])
+    assert seen["ball_visible_frac"] == 1.0 and seen["ball_contrast"] > 0.25, seen
+    assert 30 < seen["ball_radius_px"] < 42, seen
+    fg = shot_u8.max(-1).astype(int) - 10
+    ys, xs = np.nonzero(fg > 0.5 * fg.max())
+    assert abs(xs.mean() - 8 * 6) < 6 and abs(ys.mean() - 32 * 6) < 6, (xs.mean(), ys.mean())
+    colour = np.random.default_rng(4).integers(80, 256, size=3)
+    assert np.abs(shot_u8[32 * 6, 8 * 6].astype(int) - colour).max() <= 6
