@@ -4,8 +4,8 @@ Holds: `ShardDatasource` (Ray's WebDatasetDatasource with a tolerant tar stream,
 `RayBadSampleCounter` (the `BadSampleCounter` interface over a small actor, so counts made in
 remote tasks reach the driver), `build_dataset(path, ...)` (rows {key, caption, frames, audio,
 meta, shard}, the same samples `data.reader.iter_samples` yields), `rows_to_samples`, and
-`latent_dataset(path, codec_dir, ...)` (rows {key, caption, video [Fv,h,w,C], audio [Fa,C]}
-float32, the codec in an ActorPoolStrategy pool), and `local_system_config` (the worker pool a
+`latent_dataset(path, codecs, ...)` (rows {key, caption, video [Fv,h,w,C], audio [Fa,C]}
+float32, the codecs, a fitted-codec folder or a loader, in an ActorPoolStrategy pool), and `local_system_config` (the worker pool a
 local Ray needs for these tasks).
 
 Why a datasource subclass and not bare `ray.data.read_webdataset`: Ray's tar loop raises on a
@@ -23,7 +23,7 @@ Deliberately not here: mp4 decoding (data/mp4.py), the skip policy (data/reader.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any
 
@@ -192,16 +192,33 @@ def rows_to_samples(rows: Iterable[dict[str, Any]]) -> Iterator[Sample]:
                      json.loads(r["meta"]), r["shard"])  # fmt: skip
 
 
+CodecSource = str | Callable[[], tuple[Any, Any]]
+"""Where the codec actors get their codecs: a folder of fitted codecs (`model.codecs.save_codecs`)
+or a picklable zero-argument loader returning (video codec, audio codec), e.g. a teacher
+bundle's learned codecs (`pipeline.distill.data_codecs`): this package stays free of bundles."""
+
+
 class CodecEncoder:
     """Stateful map_batches UDF: loads the codecs once per actor, encodes a batch of clips."""
 
-    def __init__(self, codec_dir: str) -> None:
+    def __init__(self, codecs: CodecSource) -> None:
         import torch
 
         from model.codecs import load_codecs
 
         torch.set_num_threads(1)  # fractional-CPU actors must not fan out over every core
-        self.video, self.audio = load_codecs(codec_dir)
+        self.video, self.audio = load_codecs(codecs) if isinstance(codecs, str) else codecs()
+
+    def _check(self, latents: Any, frames: Any) -> None:
+        """A clip whose frame size is not the codec's (latent grid × its spatial factor) would
+        reach the DiT at another grid: refuse it here, saying which size the codec needs."""
+        want = tuple(getattr(self.video, "latent_hw", latents.shape[1:3]))
+        if tuple(latents.shape[1:3]) != want:
+            raise ValueError(
+                f"clips of {frames.shape[1]}x{frames.shape[2]} pixels give a {latents.shape[1]}x"
+                f"{latents.shape[2]} latent grid, but the codec's is {want[0]}x{want[1]}: write "
+                "shards at the codec's frame size (e.g. `omniforcing data synth --height/--width`)"
+            )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
@@ -213,6 +230,7 @@ class CodecEncoder:
                 frames = torch.from_numpy(np.require(frames, requirements="CW"))  # uint8 [F,H,W,3]
                 wave = torch.from_numpy(np.require(wave, np.float32, "CW"))  # [C,S]
                 video.append(self.video.encode(frames).float().numpy())  # [Fv,h,w,C]
+                self._check(video[-1], frames)
                 audio.append(self.audio.encode(wave).float().numpy())  # [Fa,C]
         return {
             "key": batch["key"],
@@ -224,7 +242,7 @@ class CodecEncoder:
 
 def latent_dataset(
     path: str,
-    codec_dir: str,
+    codecs: CodecSource,
     batch_size: int = 4,
     actors: int = 1,
     actor_cpus: float = 0.5,
@@ -236,7 +254,8 @@ def latent_dataset(
     """decode -> codec encode: rows {key, caption, video [Fv,h,w,C], audio [Fa,C]} float32.
 
     Streaming: blocks flow through decode tasks and a fixed pool of `actors` codec actors with
-    `actor_cpus` CPUs each (fractional, so it runs on 2 cores beside other work).
+    `actor_cpus` CPUs each (fractional, so it runs on 2 cores beside other work). `codecs`: a
+    fitted-codec folder or a loader (`CodecSource`), called once in each actor.
     """
     if batch_size < 1 or actors < 1:
         raise ValueError(f"batch_size and actors must be >= 1, got {batch_size}, {actors}")
@@ -244,7 +263,7 @@ def latent_dataset(
     samples = build_dataset(path, spec=spec, counter=counter, decode_cpus=decode_cpus)
     return samples.map_batches(
         CodecEncoder,
-        fn_constructor_args=(codec_dir,),
+        fn_constructor_args=(codecs,),
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),

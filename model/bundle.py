@@ -36,6 +36,7 @@ from .text import WordTextEncoder
 FORMAT = "omniforcing-bundle"
 VERSION = 1
 FILES = ("config.json", "model.safetensors", "text.safetensors", "codecs.safetensors")
+CODEC_FILES = ("config.json", "codecs.safetensors")  # what `read_codecs` reads
 GUIDE_FILES = ("guide.safetensors", "guide_text.safetensors")  # only with a "guide" entry
 CONFIG_KEYS = {"format", "version", "model", "text_encoder", "codecs", "extra", "sampler", "guide"}
 
@@ -241,14 +242,7 @@ class Bundle:
         config = read_config(d, verify)
         model = _load_model(config["model"], d / "model.safetensors", device, dtype)
         text = _load_text(config["text_encoder"], d / "text.safetensors")
-        codec_state = read_safetensors(d / "codecs.safetensors")
-        codecs = []
-        for kind in ("video", "audio"):
-            entry = config["codecs"][kind]
-            state = {
-                k[len(kind) + 1 :]: v for k, v in codec_state.items() if k.startswith(kind + ".")
-            }
-            codecs.append(_from_config(d, f"codecs.{kind}", _codec, entry, state))
+        codecs = _codecs(d, config)
         guide = None
         if "guide" in config:
             g = config["guide"]
@@ -260,6 +254,26 @@ class Bundle:
             guide.model.requires_grad_(False)
         bundle = cls(model.eval(), codecs[0], codecs[1], text.eval(), guide, _stagger(config, d))
         return bundle.to(device) if device is not None else bundle
+
+
+def read_codecs(directory: str | os.PathLike, verify: bool = True) -> tuple[Any, Any]:
+    """(video codec, audio codec) of a bundle alone: config.json and codecs.safetensors, both
+    checked against the manifest when `verify`; the DiT and text encoder are not read (a data
+    pipeline's encoder needs only these, and hashing an ltx2 DiT would take minutes)."""
+    d = Path(directory)
+    video, audio = _codecs(d, read_config(d, verify, files=CODEC_FILES))
+    return video, audio
+
+
+def _codecs(d: Path, config: dict[str, Any]) -> list[Any]:
+    """Both codecs from config.json's "codecs" entry and codecs.safetensors."""
+    codec_state = read_safetensors(d / "codecs.safetensors")
+    codecs = []
+    for kind in ("video", "audio"):
+        entry = config["codecs"][kind]
+        state = {k[len(kind) + 1 :]: v for k, v in codec_state.items() if k.startswith(kind + ".")}
+        codecs.append(_from_config(d, f"codecs.{kind}", _codec, entry, state))
+    return codecs
 
 
 def _load_model(config: dict[str, Any], path: Path, device=None, dtype=None) -> AVDiT:
@@ -340,8 +354,11 @@ def _stagger(config: dict[str, Any], directory: Path) -> float:
     return float(value)
 
 
-def read_config(directory: Path, verify: bool = True) -> dict[str, Any]:
-    """Read and check a bundle's config.json (and its manifest checksums when `verify`)."""
+def read_config(
+    directory: Path, verify: bool = True, files: tuple[str, ...] = FILES
+) -> dict[str, Any]:
+    """Read and check a bundle's config.json (and the manifest checksums of `files` and of a
+    guide's files when `verify`)."""
     if not (directory / "config.json").is_file():
         raise BundleError(f"{directory}: not a bundle (no config.json)")
     _refuse_dit_only(directory)
@@ -353,7 +370,7 @@ def read_config(directory: Path, verify: bool = True) -> dict[str, Any]:
             manifest = json.loads(manifest_path.read_text())
         except ValueError as err:
             raise BundleError(f"{manifest_path}: not valid JSON ({err})") from None
-        _verify(directory, manifest, FILES)
+        _verify(directory, manifest, files)
     try:
         config = json.loads((directory / "config.json").read_text())
     except ValueError as err:
@@ -363,7 +380,7 @@ def read_config(directory: Path, verify: bool = True) -> dict[str, Any]:
         raise BundleError(
             f"{directory}/config.json: unknown key(s) {unknown}; known: {sorted(CONFIG_KEYS)}"
         )
-    if verify and "guide" in config:  # config.json is verified: it says whether a guide ships
+    if verify and "guide" in config and files == FILES:  # config.json says if a guide ships
         _verify(directory, manifest, GUIDE_FILES)
     if config.get("format") != FORMAT or config.get("version") != VERSION:
         raise BundleError(

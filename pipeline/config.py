@@ -60,6 +60,10 @@ class DataSection(_Strict):
     source: Literal["shards", "random"] = "shards"  # random: in-memory latents (tests, benches)
     path: str = "data/shards"  # shard folder, local or s3://bucket/prefix
     codec_dir: str | None = None  # fitted codecs (model.codecs.save_codecs); None: <path>/codecs
+    # What the distillation stages encode clips with: `auto` = the teacher bundle's codecs when
+    # they are learned (LTX-2's VAEs), else codec_dir; `teacher`; `codec_dir` (the teacher stage
+    # always uses codec_dir). pipeline/distill/data_codecs.py.
+    codecs: Literal["auto", "teacher", "codec_dir"] = "auto"
     storage_options: dict[str, str] = {}  # e.g. {"endpoint_url": "http://127.0.0.1:5555"}
     batch_size: int = Field(default=2, ge=1)  # per worker, per micro-step
     clips: int | None = Field(default=None, ge=1)  # use at most this many clips (None: all)

@@ -28,6 +28,9 @@ _RESUME_FREE = (
     # differs. Free also so that adding the key left existing fingerprints unchanged.
     "distill.actor_gpus",
     "data.actor_start_timeout_s",  # how long to wait for actors, not what they compute
+    # `auto` picks the codecs from distill.teacher (fingerprinted) and codec_dir's contents were
+    # never fingerprinted either. Free also so that adding the key left fingerprints unchanged.
+    "data.codecs",
     "storage",
     "mlflow",
 )

@@ -29,6 +29,7 @@ class OmniForcingBundle(PythonModel):
     def predict(self, context, model_input: list[str], params=None):
         """The Bundle itself, whatever the prompts: deploy/ builds the streaming generator from
         it. (The type hint gives MLflow a signature instead of a warning at every log.)"""
+        import pipeline  # noqa: F401 — registers LTX-2's codec/text-encoder classes
         from model.bundle import Bundle
 
         return Bundle.from_pretrained(self.bundle_dir)
@@ -154,6 +155,51 @@ def bundle_dir(uri: str, dst: str | Path | None = None) -> Path:
     except Exception as err:  # noqa: BLE001 — MlflowException/RestException: say which URI
         raise FileNotFoundError(f"cannot download model {uri!r}: {err}") from None
     return _find_bundle_dir(Path(path))
+
+
+def bundle_files(uri: str, names: tuple[str, ...], dst: str | Path | None = None) -> Path:
+    """A local folder holding only `names` (e.g. config.json, codecs.safetensors) of the Bundle
+    at `uri` (a folder: itself; `models:/…` / `runs:/…`: downloaded to `dst`, else a temp
+    folder), so a reader of the codecs never fetches an ltx2 DiT. Names not in the Bundle are
+    a FileNotFoundError naming the URI."""
+    if "://" not in uri and ":/" not in uri:
+        return bundle_dir(uri)
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    target = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="omni-bundle-"))
+    try:
+        repo = get_artifact_repository(uri)
+        root = _find_remote_bundle(repo)
+        for name in names:
+            repo.download_artifacts(f"{root}/{name}" if root else name, str(target))
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 — MlflowException/RestException: say which URI
+        raise FileNotFoundError(f"cannot download {list(names)} of {uri!r}: {err}") from None
+    return _find_bundle_dir_of(target, names)
+
+
+def _find_remote_bundle(repo: Any, depth: int = 4) -> str:
+    """The artifact path of the Bundle folder (config.json + manifest.json) in a repository."""
+    level = [""]
+    for _ in range(depth):
+        nxt = []
+        for path in level:
+            items = repo.list_artifacts(path or None)
+            names = {Path(i.path).name for i in items}
+            if {"config.json", "manifest.json"} <= names:
+                return path
+            nxt += [i.path for i in items if i.is_dir]
+        level = nxt
+    raise FileNotFoundError("no Bundle (config.json + manifest.json) in the artifacts")
+
+
+def _find_bundle_dir_of(target: Path, names: tuple[str, ...]) -> Path:
+    """The downloaded folder that holds `names` (downloads keep the artifact sub-path)."""
+    for cfg in sorted(target.rglob(names[0])):
+        if all((cfg.parent / n).is_file() for n in names):
+            return cfg.parent
+    raise FileNotFoundError(f"{target}: {list(names)} not downloaded")
 
 
 def load_bundle(

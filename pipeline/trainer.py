@@ -76,7 +76,7 @@ def ensure_ray(cfg: JobConfig) -> None:
 def _stage_dataset(cfg: JobConfig, stage: str) -> Any:
     """The job's dataset, passed through the stage's optional driver-side `prepare_dataset`
     hook (e.g. the `ode` stage's teacher-scoring actor pool)."""
-    ds = build_dataset(cfg)
+    ds = build_dataset(cfg, stage)
     hook = getattr(get_stage(stage), "prepare_dataset", None)
     return hook(ds, cfg) if hook is not None else ds
 
@@ -95,8 +95,9 @@ def stage_driver(cfg: JobConfig, stage: str) -> Iterator[dict[str, Any]]:
         yield dict(extra)
 
 
-def build_dataset(cfg: JobConfig) -> Any:
-    """Rows {key, caption, video [Fv,h,w,C], audio [Fa,C]}: shards (the real path) or random."""
+def build_dataset(cfg: JobConfig, stage: str | None = None) -> Any:
+    """Rows {key, caption, video [Fv,h,w,C], audio [Fa,C]}: shards (the real path) or random.
+    Shards are encoded with the codecs `data.codecs` picks for `stage` (data_codecs)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -104,11 +105,12 @@ def build_dataset(cfg: JobConfig) -> Any:
     ctx.enable_progress_bars = False
     if cfg.data.source == "shards":
         from data.ray_data import latent_dataset
+        from pipeline.distill.data_codecs import codec_source
 
         # S3 endpoint and keys come from the environment (AWS_ENDPOINT_URL, AWS_*), see data/.
         ds = latent_dataset(
             cfg.data.path,
-            cfg.data.codec_dir or cfg.data.path.rstrip("/") + "/codecs",
+            codec_source(cfg, stage),
             wait_for_min_actors_s=cfg.data.actor_start_timeout_s,
         )
         if cfg.data.clips:
