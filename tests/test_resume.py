@@ -131,6 +131,7 @@ def _own_ray_and_temp() -> Iterator[Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # three stage runs and two Ray starts: ~160 s on 2 cores at load 10
 def test_new_cluster_resumes_from_mlflow_alone(
     mlflow_uri: str, s3_bucket: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -176,8 +177,10 @@ def test_new_cluster_resumes_from_mlflow_alone(
     data[len(data) // 2] ^= 0xFF
     fs.pipe_file(victim, bytes(data))
 
+    t0 = time.monotonic()
     with _own_ray_and_temp(), caplog.at_level(logging.WARNING, "omniforcing.checkpoint"):
         resumed = run_stage(cfg(5, f"{s3_bucket}/job"), "teacher", resume=part.run_id)
+    print(f"new cluster: fresh Ray + resume from step 2 to 5 took {time.monotonic() - t0:.1f} s")
     rel = victim.split("/step-00000004/", 1)[1]
     assert [r.getMessage() for r in caplog.records] == [
         f"checkpoint {run_dir}/step-00000006 skipped: no meta.json (incomplete write)",
