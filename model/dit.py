@@ -12,9 +12,11 @@ video frame, Dv/Da stream widths, S sinks, L text tokens.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .kv_cache import FullContext, KVCache
@@ -75,14 +77,34 @@ class _StreamIO(nn.Module):
         return y
 
 
+def _checkpointed(layer: AVLayer, i: int, *args: torch.Tensor | object) -> tuple:
+    """One layer under torch.utils.checkpoint: autograd keeps its inputs only and the backward
+    pass runs the layer again. A KV cache is read again then, after later blocks were committed:
+    the layer sees the cache as it was at this call (`KVCache.frozen`, checked unevicted)."""
+    *tensors, ctx = args
+    state = ctx.snapshot() if hasattr(ctx, "snapshot") else None
+
+    def run(*xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with ctx.frozen(state) if state is not None else nullcontext():
+            return layer(i, *xs, ctx)
+
+    return checkpoint(run, *tensors, use_reentrant=False)
+
+
 class AVDiT(nn.Module):
     """Dual-stream DiT. Parallelism wraps `repeated_blocks` from outside (pipeline/parallelize)."""
 
     repeated_blocks = ("layers",)
+    # Parameters read outside their own module's forward (streaming, output heads): a sharding
+    # wrapper that gathers weights in forward hooks must keep these whole (ZeRO-3 persistence).
+    params_outside_forward = ("audio_sinks", "video_io.out_table", "audio_io.out_table")
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # Activation checkpointing of each layer when gradients are on: set from outside
+        # (pipeline.parallelize, train.gradient_checkpointing); the numbers are the same.
+        self.grad_checkpointing = False
         v, a = cfg.video, cfg.audio
         ltx2 = cfg.arch == "ltx2"
         if ltx2:  # each stream projects its own half of [video text | audio text]
@@ -132,7 +154,10 @@ class AVDiT(nn.Module):
             sig_a = sigma_a
         afeat, amod, acm = self.audio_io.embed(sig_a)
         for i, layer in enumerate(self.layers):
-            vx, ax = layer(i, vx, ax, vmod, amod, vcm, acm, ctx)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                vx, ax = _checkpointed(layer, i, vx, ax, vmod, amod, vcm, acm, ctx)
+            else:
+                vx, ax = layer(i, vx, ax, vmod, amod, vcm, acm, ctx)
         if with_sinks:  # stripped before the output head, never supervised
             ax, afeat = ax[:, self.cfg.sinks :], afeat[:, self.cfg.sinks :]
         vel_v = self.unpatchify(self.video_io.head(vx, vfeat, vin))

@@ -16,6 +16,9 @@ so autograd never sees an in-place update of the cache, and cached entries are a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from .config import ModelConfig
@@ -115,6 +118,7 @@ class KVCache:
         self.commit = False  # set by the model for the σ = 0 call
         self._rope: RopeTables | None = None
         self._block_rope: tuple[int, RopeTables] | None = None
+        self.evictions = 0  # shifts of the window so far (a checkpointed call must see none)
 
     def reset(
         self, text_v: torch.Tensor, text_a: torch.Tensor, text_mask: torch.Tensor | None
@@ -142,12 +146,35 @@ class KVCache:
         self.filled = {"v": 0, "a": 0}
         self.blocks_committed = 0
         self.commit, self._rope, self._block_rope = False, None, None
+        self.evictions += 1  # every entry may change: no recompute may span a reset
 
     def block_rope(self, block: int, make) -> RopeTables:
         """The RoPE tables of `block`, made by `make()` once and shared by its K + 1 calls."""
         if self._block_rope is None or self._block_rope[0] != block:
             self._block_rope = (block, make())
         return self._block_rope[1]
+
+    # ---- activation checkpointing (model.dit._checkpointed) -----------------------------------
+    def snapshot(self) -> tuple:
+        """What a layer call reads besides the buffers: (filled, commit, RoPE, evictions)."""
+        return dict(self.filled), self.commit, self._rope, self.evictions
+
+    @contextmanager
+    def frozen(self, state: tuple) -> Iterator[None]:
+        """Run as at `snapshot()` (backward's recompute). Entries below the snapshot's `filled`
+        are unchanged until an eviction shifts them: a recompute after one is refused."""
+        filled, commit, rope, evictions = state
+        if self.evictions != evictions:
+            raise RuntimeError(
+                "activation checkpointing: the KV cache was evicted between a layer's forward "
+                "and its recompute (a rolling window with gradients; disable one of them)"
+            )
+        now = self.filled, self.commit, self._rope
+        self.filled, self.commit, self._rope = dict(filled), commit, rope
+        try:
+            yield
+        finally:
+            self.filled, self.commit, self._rope = now
 
     # ---- used by the layers -------------------------------------------------------------------
     def begin(self, rope: RopeTables, commit: bool) -> None:
@@ -200,6 +227,7 @@ class KVCache:
                 for buf in (slot.k, slot.v):
                     buf[:, :, p : f - b] = buf[:, :, p + b : f].clone()
         self.filled[s] = f - b
+        self.evictions += 1
 
     def nbytes(self) -> int:
         """Bytes held by the cache buffers (for memory accounting and benchmarks)."""

@@ -126,6 +126,12 @@ class TrainSection(_Strict):
     sigma: SigmaSection = SigmaSection()  # teacher stage: training noise levels
     seed: int = 0
     zero_stage: Literal[1, 2, 3] = 2
+    # Recompute each layer's activations in backward (torch.utils.checkpoint per AVLayer):
+    # only layer inputs are kept, at one more forward per layer (pipeline.parallelize).
+    gradient_checkpointing: bool = False
+    # ZeRO-Offload: fp32 master weights, Adam moments and the fp32 gradients live in host memory
+    # (and the AdamW step runs on the CPU); the GPU keeps bf16 weights and gradients.
+    offload_optimizer: Literal["none", "cpu"] = "none"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     checkpoint_every: int = Field(default=50, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
@@ -140,6 +146,8 @@ class ScalingSection(_Strict):
     cpus_per_worker: float = Field(default=1.0, gt=0.0)  # fractional on small CPU boxes
     gpus_per_worker: float = Field(default=1.0, ge=0.0)  # used only when use_gpu
     max_failures: int = Field(default=1, ge=-1)  # Ray FailureConfig; -1 = unlimited
+    # Memory of one GPU (GB = 1e9 bytes) the memory plan of `omniforcing check` must fit into.
+    gpu_memory_gb: float = Field(default=80.0, gt=0.0)
 
 
 class StorageSection(_Strict):

@@ -31,6 +31,11 @@ _RESUME_FREE = (
     # `auto` picks the codecs from distill.teacher (fingerprinted) and codec_dir's contents were
     # never fingerprinted either. Free also so that adding the key left fingerprints unchanged.
     "data.codecs",
+    # Memory, not maths: recomputed activations are the same numbers; the offloaded AdamW is the
+    # same fp32 update on the CPU; the GPU size only feeds `omniforcing check`.
+    "train.gradient_checkpointing",
+    "train.offload_optimizer",
+    "scaling.gpu_memory_gb",
     "storage",
     "mlflow",
 )

@@ -27,8 +27,38 @@ def use_bf16(cfg: JobConfig) -> bool:
     return cfg.train.precision == "bf16"
 
 
+# ZeRO buffer sizes, set explicitly (they are DeepSpeed 0.19's defaults) so the memory plan
+# (pipeline.memory) reads the numbers the engines use. Parameters of at most
+# PERSISTENCE_THRESHOLD elements stay whole on every rank under ZeRO-3 (DeepSpeed's rule): that
+# covers the few a model reads outside its modules' forward (AVDiT.params_outside_forward).
+PERSISTENCE_THRESHOLD = 100_000
+REDUCE_BUCKET = 500_000_000  # gradient elements reduced per bucket (ZeRO-2/3)
+ZERO3_LIVE = 1_000_000_000  # gathered parameter elements alive at once (ZeRO-3)
+ZERO3_PREFETCH = 50_000_000  # parameter elements prefetched ahead (ZeRO-3)
+SUB_GROUP = 1_000_000_000  # optimizer sub-group elements; its fp32 gradient is made per group
+
+
+def zero_section(cfg: JobConfig) -> dict[str, Any]:
+    """The `zero_optimization` section: stage, buckets, and ZeRO-Offload of the optimizer."""
+    t = cfg.train
+    z: dict[str, Any] = {"stage": t.zero_stage, "reduce_bucket_size": REDUCE_BUCKET}
+    if t.zero_stage == 3:
+        z |= {
+            "stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD,
+            "stage3_max_live_parameters": ZERO3_LIVE,
+            "stage3_prefetch_bucket_size": ZERO3_PREFETCH,
+            "sub_group_size": SUB_GROUP,
+        }
+    if t.offload_optimizer == "cpu":
+        z["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
+    return z
+
+
 def ds_config(cfg: JobConfig, lr: float | None = None) -> dict[str, Any]:
-    """DeepSpeed config for one engine; `lr` overrides train.lr (e.g. a critic's own rate)."""
+    """DeepSpeed config for one engine; `lr` overrides train.lr (e.g. a critic's own rate).
+
+    AdamW is torch's (no JIT build) unless the optimizer is offloaded: ZeRO-Offload runs
+    DeepSpeed's CPU Adam (JIT-built on first use), the same AdamW update in fp32."""
     t = cfg.train
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
@@ -41,10 +71,11 @@ def ds_config(cfg: JobConfig, lr: float | None = None) -> dict[str, Any]:
                 "betas": list(t.optimizer.betas),
                 "eps": t.optimizer.eps,
                 "weight_decay": t.optimizer.weight_decay,
-                "torch_adam": True,  # plain torch.optim.AdamW: no JIT-built fused kernel
+                # plain torch.optim.AdamW: no JIT-built fused kernel
+                "torch_adam": t.offload_optimizer == "none",
             },
         },
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": zero_section(cfg),
         "bf16": {"enabled": use_bf16(cfg)},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -81,13 +112,43 @@ def make_engine(net: nn.Module, cfg: JobConfig, lr: float | None = None) -> Any:
         # horizon. The schedule is a pure function of the current config and the restored step.
         return lr_multiplier(step, cfg)
 
+    if hasattr(net, "grad_checkpointing"):  # AVDiT: recompute each layer in backward
+        net.grad_checkpointing = cfg.train.gradient_checkpointing
     engine, _, _, _ = deepspeed.initialize(
         model=net,
         model_parameters=[p for p in net.parameters() if p.requires_grad],
         config=ds_config(cfg, lr),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, multiplier),
     )
+    if cfg.train.zero_stage == 3:
+        gather_persistent(net)
     return engine
+
+
+def gather_persistent(net: nn.Module) -> None:
+    """Under ZeRO-3, all-gather the parameters DeepSpeed keeps whole on every rank.
+
+    DeepSpeed gathers a parameter in its module's forward hook and, for persistent ones, after
+    every optimizer step; a model that reads one outside any forward (AVDiT's audio sinks in
+    `forward_block`, the output tables in `head`) would see an empty partition before the first
+    step. Those must be persistent: refused by name otherwise (collective: call on all ranks)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    named = dict(net.named_parameters())
+    outside = [n for n in getattr(net, "params_outside_forward", ()) if n in named]
+    partitioned = [n for n in outside if not getattr(named[n], "ds_persist", False)]
+    if partitioned:
+        raise ValueError(
+            f"ZeRO-3: parameters {partitioned} are read outside a module forward but are larger "
+            f"than the persistence threshold ({PERSISTENCE_THRESHOLD} elements)"
+        )
+    todo = [
+        p
+        for p in named.values()
+        if getattr(p, "ds_persist", False) and p.ds_status == ZeroParamStatus.NOT_AVAILABLE
+    ]
+    if todo:
+        todo[0].all_gather(param_list=todo)
 
 
 class TorchEngine:

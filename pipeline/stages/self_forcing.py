@@ -29,7 +29,7 @@ import torch
 
 from model import AVDiT, flow
 from model.guidance import bind
-from pipeline.distill import dmd, roles
+from pipeline.distill import dmd, roles, sharded
 from pipeline.distill.rollout import noise_levels, rollout
 from pipeline.distill.trajectories import guided_x0
 from pipeline.parallelize import Ema, make_engine
@@ -67,36 +67,47 @@ class SelfForcingStage:
         return real_score_pool(cfg)
 
     def setup(self, ctx: WorkerContext) -> None:
-        self.build(ctx, lambda net, lr=None: make_engine(net.to(ctx.device), ctx.cfg, lr=lr))
+        def make(net: AVDiT, lr: float | None = None) -> Any:
+            # A ZeRO-3 network is already partitioned on its device (sharded.build_role).
+            return make_engine(
+                net if sharded.is_partitioned(net) else net.to(ctx.device), ctx.cfg, lr
+            )
 
-    def build(self, ctx: WorkerContext, make: Callable[..., Any]) -> None:
-        """Networks from the `distill` role entries; `make(net, lr)` wraps one in an engine."""
+        self.build(ctx, make, zero3=ctx.cfg.train.zero_stage == 3)
+
+    def build(self, ctx: WorkerContext, make: Callable[..., Any], zero3: bool = False) -> None:
+        """Networks from the `distill` role entries; `make(net, lr)` wraps one in an engine.
+
+        The teacher's DiT is read straight onto this worker's device in the compute dtype (never
+        a full fp32 copy on the host). `zero3`: the student and critic are built partitioned
+        (`sharded.build_role`: zero.Init, each rank fills only its slice from the teacher)."""
         cfg, d = ctx.cfg, ctx.cfg.distill
         local = d.real_score == "local"
-        self.teacher = roles.load_teacher(d.teacher)
-        # With actors the DiT is only read to initialise the student and critic: it stays on the
-        # CPU, in the compute dtype all the same, so both modes start from the same weights.
-        self.teacher.to(ctx.device if local else "cpu", ctx.dtype)
+        self.teacher = roles.load_teacher(d.teacher, ctx.device, ctx.dtype)
         self.sigmas = [float(s) for s in d.student_sigmas]
         self.scales = (d.cfg_video, d.cfg_audio)
-        self.engine = make(roles.build_role("student", d.student, self.teacher.model, cfg))
-        self.critic = make(
-            roles.build_role("critic", d.critic, self.teacher.model, cfg), d.critic_lr
-        )
+        t = self.teacher.model
+        if zero3:
+            student = sharded.build_role("student", d.student, t, cfg, ctx.dtype)
+            critic = sharded.build_role("critic", d.critic, t, cfg, ctx.dtype)
+        else:
+            student = roles.build_role("student", d.student, t, cfg)
+            critic = roles.build_role("critic", d.critic, t, cfg)
         self.real: AVDiT | None = None
         self._remote: Any = None
         if local:
-            self.real = roles.build_role("teacher", None, self.teacher.model, cfg)
+            self.real = roles.build_role("teacher", None, t, cfg)
         else:
             from pipeline.distill.real_score import RealScoreClient
 
             self._remote = RealScoreClient(ctx.extra, ctx.rank)
             # The actor scores; keep only the teacher's text encoder and codecs (the DiT's
-            # weights go to the meta device: shapes stay, memory is freed).
+            # weights go to the meta device before the engines allocate their optimizer state).
             self.teacher.model.to("meta")
             if self.teacher.guide is not None:
                 self.teacher.guide.model.to("meta")
-            self.teacher.text_encoder.to(ctx.device)
+        self.engine = make(student)
+        self.critic = make(critic, d.critic_lr)
         ema = cfg.train.ema
         self._emas = {"student": Ema(self.engine.module, ema.decay)} if ema.enabled else {}
         self.deepspeed = not hasattr(self.engine, "plain")
@@ -157,11 +168,16 @@ class SelfForcingStage:
         )
 
     # ---- updates --------------------------------------------------------------------------------
-    def critic_update(self, inp: dict[str, Any], g: torch.Generator, ctx: WorkerContext) -> float:
-        """One flow-matching step of the critic on a detached student sample."""
+    def critic_update(
+        self, inp: dict[str, Any], g: torch.Generator, ctx: WorkerContext, exit_step: int = -1
+    ) -> float:
+        """One flow-matching step of the critic on a detached student sample (its exit step
+        drawn from `g` unless given)."""
         k = len(ctx.cfg.distill.student_sigmas)
+        if exit_step < 0:
+            exit_step = int(torch.randint(0, k, (1,), generator=g))
         with torch.no_grad():
-            xv, xa = self._sample(inp, g, int(torch.randint(0, k, (1,), generator=g)))
+            xv, xa = self._sample(inp, g, exit_step)
         xtv, xta, sv, sa, nv, na = self._noised(xv, xa, inp, g, ctx)
         vel_v, vel_a = self.critic(xtv, xta, sv.to(ctx.dtype), sa.to(ctx.dtype), *inp["text"])
         x0v, x0a = flow.x0_from_velocity(xtv, vel_v, sv), flow.x0_from_velocity(xta, vel_a, sa)
@@ -206,9 +222,14 @@ class SelfForcingStage:
         inp = self.inputs(next_batch(), ctx)
         self.engine.train()
         self.critic.train()
+        n, k = d.critic_updates_per_generator, len(d.student_sigmas)
+        exits = [-1] * n  # each rank draws its own (below ZeRO-3)
+        if ctx.cfg.train.zero_stage == 3:  # every forward is collective: same calls on all ranks
+            gs = torch.Generator().manual_seed(ctx.cfg.train.seed * 1_000_003 + step + 500_009)
+            exits = torch.randint(0, k, (n,), generator=gs).tolist()
         critic = [
-            self.critic_update(inp, ctx.generator(step, i, purpose=1), ctx)
-            for i in range(d.critic_updates_per_generator)
+            self.critic_update(inp, ctx.generator(step, i, purpose=1), ctx, exits[i])
+            for i in range(n)
         ]
         # One exit step per rollout, the same on every rank (no rank in the seed).
         ge = torch.Generator().manual_seed(ctx.cfg.train.seed * 1_000_003 + step)
