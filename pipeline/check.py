@@ -4,7 +4,8 @@ Holds one function per check, each returning `Line(name, ok, detail)` quickly: t
 valid (errors name the key path), the storage answers a write/read/delete of a probe object
 (local folder or s3:// with a custom endpoint), the data shards are listable, the MLflow tracking
 store answers (/health over HTTP, an experiment search for sqlite/file stores), and the Ray
-cluster (or, with none reachable, this machine) has the CPUs/GPUs the scaling section asks for.
+cluster (or, with none reachable, this machine) has the CPUs/GPUs the scaling section asks for,
+and the memory plan of the distillation stages fits the GPUs (pipeline.memory).
 Network checks use short timeouts and no retries, so an unreachable service fails in seconds.
 Deliberately NOT here: printing (pipeline/eval_commands.py) and starting any job.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ class Line:
     name: str
     ok: bool
     detail: str
+    table: list[str] = field(default_factory=list)  # printed under the check table
 
 
 def check_config(path: str | None, overrides: list[str]) -> tuple[JobConfig | None, Line]:
@@ -199,6 +201,24 @@ def check_resources(cfg: JobConfig, address: str | None = None) -> list[Line]:
     return lines
 
 
+def check_memory(cfg: JobConfig) -> list[Line]:
+    """The memory plan (pipeline.memory) of each distillation stage against scaling.gpu_memory_gb:
+    bytes per trainer rank and per teacher actor by term; a plan over a GPU fails, naming its
+    largest term."""
+    from pipeline.memory import GB, plan, table
+
+    lines = []
+    for stage in ("ode", "self-forcing"):
+        p = plan(cfg, stage)
+        problems = p.problems()
+        worst = max(p.rows, key=lambda r: r.total)
+        detail = "; ".join(problems) or (
+            f"fits: largest {worst.who} {worst.total / GB:.1f} GB of {p.gpu_bytes / GB:.0f} GB"
+        )
+        lines.append(Line(f"memory {stage}", not problems, detail, table(p)))
+    return lines
+
+
 def run_checks(
     path: str | None,
     overrides: list[str] | None = None,
@@ -211,4 +231,4 @@ def run_checks(
         return [line]
     lines = [line, check_storage(cfg, timeout), check_data(cfg, timeout)]
     lines.append(check_mlflow(cfg, timeout))
-    return lines + check_resources(cfg, ray_address)
+    return lines + check_resources(cfg, ray_address) + check_memory(cfg)

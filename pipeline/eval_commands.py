@@ -244,7 +244,8 @@ def check_cmd(
     timeout: float = typer.Option(3.0, help="Seconds per network check."),
     ray_address: str | None = typer.Option(None, help="Ray cluster address (e.g. auto)."),
 ) -> None:
-    """Validate the config and reach storage, MLflow and the Ray cluster; exit 1 on a failure."""
+    """Validate the config, reach storage, MLflow and the Ray cluster, and print the memory plan
+    per rank and per actor; exit 1 on a failure (a plan over scaling.gpu_memory_gb included)."""
     from pipeline.check import run_checks
 
     lines = run_checks(config, set_, timeout, ray_address)
@@ -255,6 +256,9 @@ def check_cmd(
         mark = "[green]ok[/green]" if line.ok else "[red]FAIL[/red]"
         table.add_row(line.name, mark, line.detail)
     Console(width=160).print(table)
+    for line in lines:
+        for text in line.table:  # e.g. the memory plan of a stage
+            typer.echo(text)
     if not all(line.ok for line in lines):
         raise typer.Exit(1)
 
