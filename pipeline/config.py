@@ -87,6 +87,9 @@ class OptimizerSection(_Strict):
 class EmaSection(_Strict):
     enabled: bool = True
     decay: float = Field(default=0.999, ge=0.0, le=1.0)
+    # Keep the fp32 EMA in host memory (updated from the device's pieces each step): 4 bytes per
+    # partition element off the GPU, one device-to-host copy of this rank's weights per step.
+    offload: bool = False
 
 
 class LogitNormal(_Strict):

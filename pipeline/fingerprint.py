@@ -35,6 +35,7 @@ _RESUME_FREE = (
     # same fp32 update on the CPU; the GPU size only feeds `omniforcing check`.
     "train.gradient_checkpointing",
     "train.offload_optimizer",
+    "train.ema.offload",
     "scaling.gpu_memory_gb",
     "storage",
     "mlflow",

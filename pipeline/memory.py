@@ -16,6 +16,7 @@ Follows what the code does (pipeline.parallelize, pipeline.distill.sharded, the 
 - activations: measured by running the step's code on the meta device (pipeline.memory_probe):
   the Self-Forcing rollout (gradient at the exit step, its KV cache) of `data.seconds` seconds at
   `data.batch_size`, the critic's full-sequence forward; with `train.gradient_checkpointing`.
+- the teacher's text encoder, on every trainer and actor (LTX-2: Gemma 3 12B, ~24 GB in bf16).
 Not counted: the CUDA context and allocator fragmentation (`RESERVE` is left for them), the data
 pipeline's codec actors, and a teacher's autoguidance network (not in these presets).
 """
@@ -33,7 +34,11 @@ from pipeline.config import JobConfig
 
 GB = 1e9
 RESERVE = 4 * GB  # CUDA context, NCCL buffers, allocator fragmentation: left free on every GPU
-TERMS = ("weights", "gathered", "gradients", "optimizer", "ema", "teacher", "activations")
+TERMS = ("weights", "gathered", "gradients", "optimizer", "ema", "teacher", "text", "activations")
+# LTX-2's text encoder: Gemma 3 12B's language model (~11.8 B parameters; the vision tower is not
+# kept) + the connectors, in the bundle's dtype (bf16): an estimate used when the teacher bundle
+# cannot be read here (s3://, models:/); a local bundle is measured (its text.safetensors).
+LTX2_TEXT_BYTES = int(24e9)
 
 
 @dataclass
@@ -105,9 +110,22 @@ def engine_bytes(sizes: list[int], cfg: JobConfig, ema: bool) -> Row:
     side["optimizer"] = 12 * part
     if offload:
         row.host["gradients"] = 4 * part
-    if ema:
-        row.gpu["ema"] = 4 * (part if stage == 3 else total)
+    if ema:  # fp32 of this rank's pieces, on the GPU or in host memory (train.ema.offload)
+        where = row.host if cfg.train.ema.offload else row.gpu
+        where["ema"] = 4 * (part if stage == 3 else total)
     return row
+
+
+def text_encoder_bytes(cfg: JobConfig) -> int:
+    """Bytes of the teacher's text encoder, which every trainer and teacher actor holds on its
+    device: a local teacher bundle's text.safetensors, else the LTX-2 estimate (arch ltx2) or 0
+    (our word encoder: a few MB)."""
+    from pathlib import Path
+
+    ref = cfg.distill.teacher
+    if ref and (Path(ref) / "text.safetensors").is_file():
+        return (Path(ref) / "text.safetensors").stat().st_size
+    return LTX2_TEXT_BYTES if cfg.build_model_config(False).arch == "ltx2" else 0
 
 
 def text_tokens(mcfg) -> int:
@@ -163,6 +181,7 @@ def plan(cfg: JobConfig, stage: str = "self-forcing") -> Plan:
                 mine[k] = mine.get(k, 0) + (v if k != "gathered" else 0)  # one gather at a time
     acts, infer = activations(cfg, stage)
     trainer.gpu["teacher"] = 0 if actors else sum(critic) * b
+    trainer.gpu["text"] = text_encoder_bytes(cfg)  # captions are encoded on the trainer
     trainer.gpu["activations"] = acts
     trainer.who, trainer.count = "trainer rank", sc.num_workers
     rows = [trainer]
@@ -177,6 +196,7 @@ def plan(cfg: JobConfig, stage: str = "self-forcing") -> Plan:
         actor = Row("teacher actor GPU", math.ceil(d.actors / share))
         notes.append(f"teacher actors: {d.actors} x {d.actor_gpus:g} GPU, {share} per GPU, bf16")
         actor.gpu["teacher"] = share * sum(critic) * 2  # bf16 on its GPU (roles.actor_placement)
+        actor.gpu["text"] = share * text_encoder_bytes(cfg)
         actor.gpu["activations"] = share * infer * 2 // b  # its bf16 forward of 2 x batch (CFG)
         rows.append(actor)
     elif actors:

@@ -211,11 +211,14 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 class Ema:
     """Exponential moving average of this rank's parameter pieces, kept in fp32."""
 
-    def __init__(self, net: nn.Module, decay: float) -> None:
+    def __init__(self, net: nn.Module, decay: float, offload: bool = False) -> None:
+        """`offload`: the shadow lives in host memory (train.ema.offload), else beside the
+        parameter pieces on their device."""
         self.decay = decay
         self.names = [n for n, p in net.named_parameters() if p.requires_grad]
         params = dict(net.named_parameters())
-        self.shadow = {n: _local(params[n]).detach().float().clone() for n in self.names}
+        dev = "cpu" if offload else None
+        self.shadow = {n: _local(params[n]).detach().float().to(dev).clone() for n in self.names}
 
     def decay_at(self, step: int | None) -> float:
         """The decay of the update after optimizer step `step` (0-based): min(decay,
@@ -228,7 +231,8 @@ class Ema:
         params = dict(net.named_parameters())
         w = 1 - self.decay_at(step)
         for n in self.names:
-            self.shadow[n].lerp_(_local(params[n]).detach().float(), w)
+            shadow = self.shadow[n]
+            shadow.lerp_(_local(params[n]).detach().to(shadow.device).float(), w)
 
     def state(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)
@@ -255,7 +259,8 @@ def gather_full(
     out: dict[str, torch.Tensor] = {}
     world = dist.get_world_size() if dist.is_initialized() else 1
     for name, p in net.named_parameters():
-        piece = (pieces or {}).get(name, _local(p)).detach().float()
+        local = _local(p)  # an offloaded EMA piece is gathered from the parameter's device
+        piece = (pieces or {}).get(name, local).detach().to(local.device).float()
         if not hasattr(p, "ds_tensor"):
             out[name] = piece.clone().cpu()
             continue

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from model import BlockLayout, flow
-from pipeline.distill import dmd, roles
+from pipeline.distill import dmd, roles, sharded
 from pipeline.distill.trajectories import row_seed, teacher_trajectory
 from pipeline.parallelize import Ema, make_engine
 from pipeline.stages import Batch, WorkerContext
@@ -61,13 +61,22 @@ class OdeStage:
         return cached_trajectories(ds, cfg)
 
     def setup(self, ctx: WorkerContext) -> None:
-        cfg = ctx.cfg
-        self.teacher = roles.load_teacher(cfg.distill.teacher)
-        self.teacher.to(ctx.device, ctx.dtype)
-        net = roles.build_role("student", cfg.distill.student, self.teacher.model, cfg)
-        self.engine = make_engine(net.to(ctx.device), cfg)
+        cfg, d = ctx.cfg, ctx.cfg.distill
+        # Read straight onto the device in the compute dtype (no fp32 host copy of the DiT).
+        self.teacher = roles.load_teacher(d.teacher, ctx.device, ctx.dtype)
+        if cfg.train.zero_stage == 3:  # partitioned as it is built (pipeline.distill.sharded)
+            net = sharded.build_role("student", d.student, self.teacher.model, cfg, ctx.dtype)
+        else:
+            net = roles.build_role("student", d.student, self.teacher.model, cfg).to(ctx.device)
+        if d.teacher_mode == "actors":  # trajectories come from the actors: drop the DiT
+            self.teacher.model.to("meta")
+            if self.teacher.guide is not None:
+                self.teacher.guide.model.to("meta")
+        self.engine = make_engine(net, cfg)
         ema = cfg.train.ema
-        self._emas = {"student": Ema(self.engine.module, ema.decay)} if ema.enabled else {}
+        self._emas = (
+            {"student": Ema(self.engine.module, ema.decay, ema.offload)} if ema.enabled else {}
+        )
         self._traj: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def engines(self) -> dict[str, Any]:

@@ -109,7 +109,9 @@ class SelfForcingStage:
         self.engine = make(student)
         self.critic = make(critic, d.critic_lr)
         ema = cfg.train.ema
-        self._emas = {"student": Ema(self.engine.module, ema.decay)} if ema.enabled else {}
+        self._emas = (
+            {"student": Ema(self.engine.module, ema.decay, ema.offload)} if ema.enabled else {}
+        )
         self.deepspeed = not hasattr(self.engine, "plain")
 
     def engines(self) -> dict[str, Any]:

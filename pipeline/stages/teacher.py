@@ -71,7 +71,9 @@ class TeacherStage:
         make = ctx.extra.get("make_engine", make_engine)
         self.engine = make(net.to(ctx.device), cfg)
         ema = cfg.train.ema
-        self._emas = {"teacher": Ema(self.engine.module, ema.decay)} if ema.enabled else {}
+        self._emas = (
+            {"teacher": Ema(self.engine.module, ema.decay, ema.offload)} if ema.enabled else {}
+        )
 
     def engines(self) -> dict[str, Any]:
         return {"teacher": self.engine}
