@@ -113,7 +113,7 @@ def _is_cancel(text: str | None) -> bool:
     return isinstance(obj, dict) and obj.get("type") == "cancel"
 
 
-@serve.deployment(name=DEPLOYMENT, graceful_shutdown_timeout_s=600, health_check_period_s=5)
+@serve.deployment(name=DEPLOYMENT, graceful_shutdown_timeout_s=600, health_check_period_s=2)
 @serve.ingress(api)
 class OmniForcingServer:
     def __init__(self, settings: dict[str, Any], model: str | None = None) -> None:
@@ -172,6 +172,7 @@ class OmniForcingServer:
             "model": info,
             "reload_error": self.reload_error,
             "revision": self.revision,
+            "pid": os.getpid(),  # which replica process answered (ops; the replica-death test)
             **self.engine.stats(),
         }
 

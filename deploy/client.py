@@ -28,6 +28,22 @@ class ClientError(RuntimeError):
         self.status, self.body = status, body
 
 
+class StreamBroken(ClientError):
+    """The stream stopped without its "end" or "error" part: the connection dropped (the replica
+    or the proxy died, the network broke) or stayed silent for the client's `timeout`. Names the
+    server, the last chunk index received (`last_chunk`, None if none) and, over WebSocket, the
+    close code (`close_code`: 1006 when the socket closed without a close frame). `status` 502."""
+
+    def __init__(
+        self, url: str, last_chunk: int | None, reason: str, close_code: int | None = None
+    ) -> None:
+        after = "before its first chunk" if last_chunk is None else f"after chunk {last_chunk}"
+        message = f"stream from {url} broke {after} (no end part): {reason}"
+        RuntimeError.__init__(self, message)
+        self.status, self.body = 502, message
+        self.url, self.last_chunk, self.close_code = url, last_chunk, close_code
+
+
 @dataclass
 class StreamStats:
     ttfc_s: float = 0.0  # request sent -> first chunk part decoded
@@ -67,7 +83,8 @@ def stream_http(
     api_key: str | None = None,
     timeout: float = 300.0,
 ) -> Iterator[Part]:
-    """Framed parts of `POST {url}/v1/generate`, decoded as they arrive."""
+    """Framed parts of `POST {url}/v1/generate`, decoded as they arrive. A stream cut short (no
+    "end"/"error" part: connection dropped, or silent for `timeout` s) raises `StreamBroken`."""
     body = {"prompt": prompt, "seconds": seconds, "seed": seed}
     with httpx.Client(timeout=timeout) as http:
         with http.stream(
@@ -76,9 +93,18 @@ def stream_http(
             if resp.status_code != 200:
                 resp.read()
                 raise ClientError(resp.status_code, _json_or_text(resp))
-            reader = PartReader()
-            for piece in resp.iter_bytes():
-                yield from reader.feed(piece)
+            reader, last, done = PartReader(), None, False
+            try:
+                for piece in resp.iter_bytes():
+                    for part in reader.feed(piece):
+                        last = part.header.get("index") if part.type == "chunk" else last
+                        done = part.type in ("end", "error")
+                        yield part
+            except httpx.TransportError as err:  # e.g. "incomplete chunked read", ReadTimeout
+                raise StreamBroken(url, last, f"{type(err).__name__}: {err}") from err
+            if not done:
+                reason = f"the response ended early ({reader.pending} bytes of a part pending)"
+                raise StreamBroken(url, last, reason)
 
 
 def stream_ws(
@@ -90,7 +116,9 @@ def stream_ws(
     cancel_after: int | None = None,
     timeout: float = 300.0,
 ) -> Iterator[Part]:
-    """Parts over `GET {url}/v1/stream`; sends {"type":"cancel"} after `cancel_after` chunks."""
+    """Parts over `GET {url}/v1/stream`; sends {"type":"cancel"} after `cancel_after` chunks.
+    A socket closed before the "end"/"error" part, or silent for `timeout` s, raises
+    `StreamBroken` with its close code."""
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
 
@@ -105,16 +133,21 @@ def stream_ws(
             ws.send(json.dumps({"prompt": prompt, "seconds": seconds, "seed": seed}))
         except ConnectionClosed:  # refused before reading (e.g. API key): its error part follows
             pass
-        n = 0
+        n, last = 0, None
         while True:
             try:
                 msg = ws.recv(timeout=timeout)
-            except Exception:  # noqa: BLE001 — closed by the server after "end"/"error"
-                return
+            except ConnectionClosed as err:  # before "end"/"error": the server side went away
+                code = err.rcvd.code if err.rcvd is not None else 1006  # 1006: no close frame
+                why = f": {err.rcvd.reason}" if err.rcvd is not None and err.rcvd.reason else ""
+                reason = f"WebSocket closed with code {code}{why}"
+                raise StreamBroken(url, last, reason, close_code=code) from err
+            except TimeoutError:
+                raise StreamBroken(url, last, f"no message for {timeout} s") from None
             part = decode_part(msg)
             yield part
             if part.type == "chunk":
-                n += 1
+                n, last = n + 1, part.header.get("index")
                 if cancel_after is not None and n == cancel_after:
                     with contextlib.suppress(ConnectionClosed):
                         ws.send(json.dumps({"type": "cancel"}))
