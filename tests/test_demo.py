@@ -42,10 +42,14 @@ def test_demo_end_to_end_at_tiny_scale(tmp_path, ray_local, mlflow_uri):
     version = MlflowClient().get_model_version_by_alias("demo-student", "champion")
     assert version.run_id
     report = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
-    assert set(report) == {"teacher", "student"}
+    assert set(report) == {"real", "codec", "teacher", "student"}
     assert "contact_recall" in report["student"] and "chance_recall" in report["teacher"]
+    # What a viewer sees, beside the real clips it should look like.
+    assert report["real"]["ball_visible_frac"] == 1.0
+    assert "ball_contrast" in report["student"]
     assert (tmp_path / "run" / "eval" / "eval.png").stat().st_size > 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "ball in frames / contrast" in summary["rows"]
     # The comparison is logged to the demo's parent run: metrics and the PNG.
     parent = MlflowClient().get_run(summary["runs"]["parent"])
     assert "eval.student.contact_recall" in parent.data.metrics
