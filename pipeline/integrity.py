@@ -94,6 +94,15 @@ def problem(fs: pafs.FileSystem, path: str) -> str | None:
     return None
 
 
+def _forget_listings(fs: pafs.FileSystem) -> None:
+    """Drop s3fs's cached listings (sizes, ETags) behind a wrapped fsspec filesystem: files of a
+    checkpoint may have been rewritten since this process listed them, and s3fs refuses to read
+    a file whose ETag moved (FileExpired) instead of reading what is there now."""
+    inner = getattr(getattr(fs, "handler", None), "fs", None)
+    if inner is not None and hasattr(inner, "invalidate_cache"):
+        inner.invalidate_cache()
+
+
 def check_local(d: Path, name: str) -> None:
     """Raise ValueError naming `name` (the checkpoint's URI) unless the local copy `d` is
     complete and intact."""
@@ -109,6 +118,7 @@ def newest_complete(uri: str, endpoint: str | None = None, region: str = "us-eas
     from pipeline.checkpoint import filesystem_for
 
     fs, path, uri_prefix = filesystem_for(uri, endpoint, region)
+    _forget_listings(fs)
     parent, _, name = path.rpartition("/")
     names = {name}
     if fs.get_file_info(parent).type == pafs.FileType.Directory:
