@@ -41,6 +41,18 @@ GUIDE_FILES = ("guide.safetensors", "guide_text.safetensors")  # only with a "gu
 CONFIG_KEYS = {"format", "version", "model", "text_encoder", "codecs", "extra", "sampler", "guide"}
 
 
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Rename the finished folder `tmp` to `out`, replacing an existing one."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
 class BundleError(ValueError):
     """A bundle on disk that cannot be loaded as it is (names the file or keys)."""
 
@@ -218,14 +230,7 @@ class Bundle:
             save_file(_contiguous(codec_state), tmp / "codecs.safetensors")
             manifest = {name: sha256_file(tmp / name) for name in files}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-            if out.exists():
-                old = out.with_name(f".{out.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                out.rename(old)
-                tmp.rename(out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(out)
+            replace_folder(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out

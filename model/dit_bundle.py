@@ -34,6 +34,7 @@ from .bundle import (
     bundle_config,
     codec_tensors,
     load_dit,
+    replace_folder,
     sha256_file,
 )
 from .config import ModelConfig
@@ -79,7 +80,7 @@ def write_dit_bundle(
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         manifest = {name: sha256_file(tmp / name) for name in DIT_FILES}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        _replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -111,22 +112,10 @@ def write_streamed_bundle(
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         manifest = {name: sha256_file(tmp / name) for name in FILES}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        _replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename the finished folder `tmp` to `out`, replacing an existing one."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def _stream_safetensors(
