@@ -153,16 +153,22 @@ def promote_cmd(
     alias: Annotated[str, typer.Option(help="Alias to move to the new version.")] = "champion",
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    last: Annotated[
+        bool, typer.Option("--last", help="The final export, not the best evaluated step.")
+    ] = False,
 ) -> None:
-    """Register a finished student's Bundle in the MLflow registry and set the alias."""
+    """Register a finished student's Bundle in the MLflow registry and set the alias: the best
+    step by `train.fidelity.best_by` when the run evaluated any (else the last), saying which."""
     from pipeline import tracking
     from pipeline.registry import promote
 
     with user_errors():
         cfg = load_config(config, set_ or [])
-        out = promote(run, name, alias, tracking.tracking_uri(cfg), cfg.mlflow.experiment)
+        uri = tracking.tracking_uri(cfg)
+        which = "last" if last else "best"
+        out = promote(run, name, alias, uri, cfg.mlflow.experiment, which=which)
     console.print(
-        f"[green]promoted[/] run {out['run_id']} → {out['uri']} (version {out['version']})"
+        f"[green]promoted[/] {out['uri']} (version {out['version']}) ← {out['description']}"
     )
 
 

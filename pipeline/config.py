@@ -115,6 +115,24 @@ class SigmaSection(_Strict):
     stagger_max: float = Field(default=3.0, ge=0.0)
 
 
+class FidelitySection(_Strict):
+    """Fidelity while training (pipeline/fidelity.py): every `every` steps the stage's exported
+    student (its EMA weights when EMA is on) streams `clips` world prompts, clip i with seed
+    `seed + i`, and their sync share within 40 ms, median offset, reversals and caption-direction
+    adherence are logged as `fidelity/…` beside the losses; the teacher's figures on the same
+    prompts and seeds are computed once per run as the reference. The best step by `best_by` is
+    exported as the run's `best/step-N` Bundle, which `omniforcing promote` registers."""
+
+    every: int = Field(default=0, ge=0)  # optimizer steps between evaluations; 0: off, no cost
+    clips: int = Field(default=4, ge=1)  # fixed prompt/seed set size
+    seed: int = 10_000  # clip i: world prompt render_clip(seed + i), generation seed seed + i
+    seconds: int | None = Field(default=None, ge=1)  # seconds per clip; None: data.seconds
+    # The figure that picks the best step: sync share within 40 ms and caption-direction
+    # adherence (higher is better) or the median contact-to-onset offset (lower is better).
+    best_by: Literal["sync_40ms", "median_offset_ms", "direction_acc"] = "sync_40ms"
+    teacher: bool = True  # also score the teacher once per run (the reference line)
+
+
 class TrainSection(_Strict):
     steps: int = Field(default=100, ge=1)  # optimizer steps (not micro-steps)
     lr: float = Field(default=3e-4, gt=0.0)
@@ -141,6 +159,7 @@ class TrainSection(_Strict):
     log_every: int = Field(default=1, ge=1)
     reliance_every: int = Field(default=25, ge=0)  # cross-modal reliance metric; 0 disables
     plot_every: int = Field(default=50, ge=0)  # loss-curve PNG artifact; 0: only at the end
+    fidelity: FidelitySection = FidelitySection()  # student evaluation while training
 
 
 class ScalingSection(_Strict):

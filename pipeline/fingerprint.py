@@ -18,6 +18,7 @@ _RESUME_FREE = (
     "train.log_every",
     "train.reliance_every",
     "train.plot_every",
+    "train.fidelity",  # what is measured and logged, never what is trained
     "scaling.max_failures",
     "scaling.cpus_per_worker",
     # Where the DMD real score runs (same teacher, same CFG). Free also so that adding the key

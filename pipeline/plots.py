@@ -1,4 +1,5 @@
-"""Training plots as PNG files: the loss curve, and a hook for a contact sheet of clip frames.
+"""Training plots as PNG files: the loss curve, fidelity against the teacher's reference line,
+and a hook for a contact sheet of clip frames.
 
 Holds pure rendering functions over plain Python/NumPy data (headless Agg backend). It does not
 log to MLflow (`pipeline.tracking` does) and knows nothing about the model.
@@ -36,6 +37,33 @@ def loss_curve(
     ax.grid(alpha=0.3)
     if any(series.values()):
         ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def fidelity_curve(
+    series: dict[str, list[tuple[int, float]]],
+    references: dict[str, float],
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """Fidelity figures against step, one panel per figure; a figure's reference (the teacher's
+    value on the same prompts and seeds) is a dashed horizontal line. Written atomically."""
+    names = sorted(series)
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.2 * max(1, len(names)), 3), dpi=100)
+    for ax, name in zip(np.atleast_1d(axes), names, strict=False):
+        points = series[name]
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, marker="o", linewidth=1.2, label="student")
+        ref = references.get(name)
+        if ref is not None and ref == ref:  # NaN: the teacher had no such figure
+            ax.axhline(ref, color="0.3", linestyle="--", linewidth=1.0, label="teacher")
+        ax.set_title(name.rsplit("/", 1)[-1], fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{title} fidelity".strip(), fontsize=10)
     return _save(fig, Path(path))
 
 

@@ -1,7 +1,9 @@
 """MLflow model registry: promote a finished student run, load a Bundle back by URI.
 
-`promote(run, name, alias)` registers the run's consolidated Bundle (the `bundle` artifact that
-`pipeline.trainer` publishes at the end of a stage) as a pyfunc model version and moves the alias.
+`promote(run, name, alias)` registers the run's consolidated Bundle as a pyfunc model version and
+moves the alias: the best evaluated step's (`best/step-<n>`, kept by pipeline/fidelity.py while
+training) when the run has one, else (or with `which="last"`) the `bundle` artifact that
+`pipeline.trainer` publishes at the end of a stage; the version's description names the step.
 The pyfunc is logged as *models from code* (a small Python file, no cloudpickle) with the Bundle
 directory as its artifact. `load_bundle(uri)` turns `models:/name@alias`, `runs:/…` or a local
 folder back into a `model.Bundle` (`bundle_dir(uri)`: only its local folder, downloaded if need
@@ -84,27 +86,60 @@ def _check_promotable(run: Any) -> None:
         )
 
 
+def chosen_bundle(run: Any, which: str = "best") -> tuple[str, dict[str, Any]]:
+    """(artifact path, what it is) of the Bundle to register: with `which="best"` the best step
+    the run's fidelity evaluation kept (`train.fidelity`, pipeline/fidelity.py) when it has one,
+    else — and with `which="last"` — the final export. `what`: which, step, and for the best
+    its metric and value."""
+    from pipeline import fidelity, tracking
+
+    if which not in ("best", "last"):
+        raise PromotionError(f"which={which!r}: choose 'best' or 'last'")
+    tags = run.data.tags
+    if which == "best" and tags.get(fidelity.BEST_EXPORT_TAG):
+        return tags[fidelity.BEST_EXPORT_TAG], {
+            "which": "best",
+            "step": int(tags[fidelity.BEST_STEP_TAG]),
+            "metric": tags.get(fidelity.BEST_METRIC_TAG),
+            "value": float(tags[fidelity.BEST_VALUE_TAG]),
+        }
+    step = tags.get(tracking.CKPT_STEP_TAG)
+    return tags[tracking.EXPORT_TAG], {"which": "last", "step": int(step) if step else None}
+
+
+def describe(rid: str, what: dict[str, Any]) -> str:
+    """One line naming the run, the step and why that step (the registry's description)."""
+    if what["which"] == "best":
+        return (
+            f"step {what['step']} of run {rid}: the best evaluated step by {what['metric']} "
+            f"= {what['value']:.4g}"
+        )
+    return f"step {what['step']} of run {rid}: the last step (final export)"
+
+
 def promote(
     run: str = "latest",
     name: str = "omniforcing-student",
     alias: str = "champion",
     tracking_uri: str | None = None,
     experiment: str = "omniforcing",
+    which: str = "best",
 ) -> dict[str, Any]:
-    """Register the run's Bundle as a new version of `name` and point `alias` at it."""
+    """Register the run's Bundle as a new version of `name` and point `alias` at it: the best
+    evaluated step's (`chosen_bundle`) unless `which="last"` or the run kept no best. The
+    version's description and the returned `description` say which step it is."""
     import mlflow
     from mlflow.tracking import MlflowClient
-
-    from pipeline import tracking
 
     uri = tracking_uri or mlflow.get_tracking_uri()
     client = MlflowClient(tracking_uri=uri)
     found = _find_student_run(client, run, experiment)
     _check_promotable(found)
     rid = found.info.run_id
+    path, what = chosen_bundle(found, which)
     mlflow.set_tracking_uri(uri)
     with tempfile.TemporaryDirectory() as d:
-        bundle = client.download_artifacts(rid, found.data.tags[tracking.EXPORT_TAG], d)
+        bundle = client.download_artifacts(rid, path, d)
         code = Path(d) / "omniforcing_bundle_model.py"
         code.write_text(_MODEL_CODE)
         with mlflow.start_run(run_id=rid):
@@ -117,6 +152,8 @@ def promote(
                 pip_requirements=["mlflow", "torch", "safetensors"],
             )
     version = str(info.registered_model_version)
+    text = describe(rid, what)
+    client.update_model_version(name, version, description=text)
     client.set_registered_model_alias(name, alias, version)
     return {
         "name": name,
@@ -124,6 +161,9 @@ def promote(
         "alias": alias,
         "run_id": rid,
         "uri": f"models:/{name}@{alias}",
+        "step": what["step"],
+        "which": what["which"],
+        "description": text,
     }
 
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from pipeline import checkpoint as ck
 from pipeline import integrity, tracking
 from pipeline.config import JobConfig, validate
+from pipeline.fidelity import Watcher
 from pipeline.fingerprint import fingerprint, resume_diff
 from pipeline.parallelize import load_engine, save_engine, use_bf16
 from pipeline.stages import Batch, WorkerContext, get_stage
@@ -159,11 +160,13 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         else None
     )
     t = cfg.train
+    watch = Watcher(stage, ctx, logger)  # train.fidelity: evaluate, keep the best
     for step in range(start + 1, t.steps + 1):
         t0 = time.perf_counter()
         metrics = _mean_across_ranks(stage.train_step(step, stream.next, ctx), ctx)
         per_step = cfg.data.batch_size * t.grad_accum * ctx.world
         metrics["samples_per_s"] = per_step / max(time.perf_counter() - t0, 1e-9)
+        watch(step)  # collective at its steps; logs before the losses (see pipeline.fidelity)
         if logger and (step % t.log_every == 0 or step == t.steps):
             logger.log(step, metrics)
         if t.plot_every and step % t.plot_every == 0:

@@ -12,6 +12,7 @@ import torch
 from pipeline.distill.rollout import noise_levels, rollout
 from pipeline.stages.self_forcing import SelfForcingStage
 from tests.fixtures.distill import PlainEngine, distill_config, make_batch
+from tests.test_fidelity import check_fidelity_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,15 +138,28 @@ def test_self_forcing_through_real_trainer(
             "train.steps=2",
             "train.checkpoint_every=2",
             "train.reliance_every=0",
+            "train.fidelity.every=1",  # evaluate the student after each step (pipeline/fidelity)
+            "train.fidelity.clips=2",
         ],
     )
     result = run_stage(cfg, "self-forcing")
     assert result.step == 2
-    hist = MlflowClient(mlflow_uri).get_metric_history(result.run_id, "grad/param_audio")
+    client = MlflowClient(mlflow_uri)
+    hist = client.get_metric_history(result.run_id, "grad/param_audio")
     assert [m.step for m in hist] == [1, 2] and all(m.value > 0 for m in hist)
-    promote(result.run_id, name="sf-student", alias="candidate", tracking_uri=mlflow_uri)
+    best = check_fidelity_run(client, result.run_id, steps=[1, 2])
+    out = promote(result.run_id, name="sf-student", alias="candidate", tracking_uri=mlflow_uri)
+    assert out["step"] == (best or 2) and out["which"] == ("best" if best else "last")
     bundle = load_bundle("models:/sf-student@candidate")
     assert bundle.config.causal and bundle.config.sinks > 0
+    if best:  # the registered weights are the best step's export, named in the description
+        ref = load_bundle(f"runs:/{result.run_id}/best/step-{best:08d}")
+        for (k, a), (_, b) in zip(
+            bundle.model.state_dict().items(), ref.model.state_dict().items(), strict=True
+        ):
+            assert torch.equal(a, b), k
+        version = client.get_model_version("sf-student", out["version"])
+        assert f"step {best} of run" in version.description
 
 
 def test_artifacts_hook_writes_a_student_sheet(
