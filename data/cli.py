@@ -97,6 +97,20 @@ def fit_drawer(
     seed: Annotated[int, typer.Option(help="first world seed of the training clips")] = 0,
     balls: Annotated[int, typer.Option(min=1, max=4, help="at most this many balls")] = 2,
     record: Annotated[str | None, typer.Option(help="folder for drawer-fit.json + PNG")] = None,
+    context: Annotated[
+        int, typer.Option(min=0, max=1, help="previous latents the drawer reads (0: none)")
+    ] = 1,
+    noise: Annotated[
+        float, typer.Option(min=0.0, help="half the latents noised, sigma up to this")
+    ] = 0.0,
+    boundary: Annotated[
+        float, typer.Option(min=0.0, help="weight of the frame-step loss across group boundaries")
+    ] = 0.0,
+    consistency: Annotated[
+        float, typer.Option(min=0.0, help="weight of re-encoded frames vs the latents drawn")
+    ] = 0.0,
+    warm: Annotated[bool, typer.Option(help="start from the drawer SOURCE already has")] = False,
+    lr: Annotated[float, typer.Option(min=0.0, help="peak learning rate")] = 1e-3,
 ) -> None:
     """Teach the video codec to draw: fit a CellDrawer on world clips; report PSNR and peak."""
     from data.draw import fit_and_save
@@ -104,7 +118,9 @@ def fit_drawer(
     with _progress("fit drawer", steps) as tick:
         try:
             report = fit_and_save(source, out, steps, batch, width, seed, balls,
-                                  record=record, progress=lambda s, _loss: tick(s))  # fmt: skip
+                                  record=record, progress=lambda s, _loss: tick(s),
+                                  context=context, noise=noise, boundary=boundary, warm=warm,
+                                  lr=lr, consistency=consistency)  # fmt: skip
         except (ValueError, FileNotFoundError) as err:
             raise typer.BadParameter(str(err)) from err
     _print(report)

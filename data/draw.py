@@ -107,28 +107,48 @@ def fit_and_save(
     eval_clips: int = 16,
     record: str | None = None,
     progress: Callable[[int, float], None] | None = None,
+    context: int = 0,
+    noise: float = 0.0,
+    boundary: float = 0.0,
+    warm: bool = False,
+    lr: float = 1e-3,
+    consistency: float = 0.0,
 ) -> dict[str, Any]:
     """Fit a drawer for the video codec at `source`, write the codec (or bundle) to `out`, and
-    drawer-fit.json + drawer-strip.png to `record` (default: `out`)."""
+    drawer-fit.json + drawer-strip.png to `record` (default: `out`).
+
+    `context`, `noise`, `boundary`, `consistency`: see model.codecs.drawer.fit_drawer. `warm`: start from the
+    drawer `source` already has (its width), which then also appears in the report and strip."""
     src = Path(source)
     holder, codec = _load(src)
     if not isinstance(codec, CellVideoCodec):
         raise ValueError(f"{source}: video codec is {type(codec).__name__}, not CellVideoCodec")
+    if warm and codec.drawer is None:
+        raise ValueError(f"{source}: --warm needs a codec that already has a drawer")
     linear = codec.with_drawer(None)
-    net = fit_drawer(linear, world_clips(linear, seed, balls), steps, batch, width=width,
-                     seed=seed, progress=progress)  # fmt: skip
+    net = fit_drawer(linear, world_clips(linear, seed, balls), steps, batch, lr=lr, width=width,
+                     seed=seed, progress=progress, context=context, noise=noise,
+                     boundary=boundary, init=codec.drawer if warm else None,
+                     consistency=consistency)  # fmt: skip
     drawn = linear.with_drawer(net)
     held = [world_clips(linear, HELD_OUT_SEED, balls)(i) for i in range(eval_clips)]
+    options = dict(batch=batch, lr=lr, seed=seed, balls=balls, context=context, noise=noise)
+    options |= dict(boundary=boundary, consistency=consistency, warm=warm)
     report = {
         "steps": steps,
         "fit_seconds": round(net.fit_seconds, 1),
         "parameters": sum(p.numel() for p in net.parameters()),
+        "options": options,
         "linear": round_trip(linear, held),
         "drawn": round_trip(drawn, held),
         "eval_clips": eval_clips,
     }
+    decodes = {"linear": linear}
+    if warm:
+        report["before"] = round_trip(codec, held)
+        decodes["before"] = codec
     _save(holder, drawn, src, Path(out))
     rec = Path(record or out)
-    strip({"linear": linear, "drawn": drawn}, held[0], rec / "drawer-strip.png")
+    strip(decodes | {"drawn": drawn}, held[0], rec / "drawer-strip.png")
     (rec / "drawer-fit.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     return report

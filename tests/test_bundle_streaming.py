@@ -62,6 +62,36 @@ def test_unknown_config_key_is_rejected(tmp_path):
         Bundle.from_pretrained(tmp_path / "b", verify=False)
 
 
+def test_a_streamed_context_drawer_decodes_each_chunk_as_the_whole_clip(tmp_path):
+    """A bundle whose video codec draws with context (CellDrawer reading the previous latent),
+    saved and loaded: the streamed chunks, each decoded with the last latent of the chunk before,
+    are byte for byte the whole clip's decode of the same latents."""
+    from model.codecs.drawer import CellDrawer
+
+    b = tiny_bundle(seed=2)
+    codec = b.video_codec
+    torch.manual_seed(0)
+    drawer = CellDrawer(codec.latent_channels, codec.height // codec.grid, 16, context=1)
+    torch.nn.init.normal_(drawer.head.weight, std=0.05)
+    b.video_codec = codec.with_drawer(drawer)
+    b.save_pretrained(tmp_path / "b")
+    b = Bundle.from_pretrained(tmp_path / "b")
+    assert b.video_codec.context_latents == 1
+    real, seen = b.video_codec, []
+
+    class Recorder:  # the loaded codec, recording what the stream asks it to decode
+        context_latents = 1
+
+        def decode(self, latents, start=0, context=None):
+            seen.append(latents.clone())
+            return real.decode(latents, start, context)
+
+    b.video_codec = Recorder()
+    chunks = list(StreamingGenerator(b).stream("a red ball", 3, seed=5))
+    whole = real.decode(torch.cat(seen))
+    assert len(chunks) == 4 and torch.equal(torch.cat([c.frames for c in chunks]), whole)
+
+
 def test_stream_shapes_timing_and_determinism():
     b = tiny_bundle()
     gen = StreamingGenerator(b)

@@ -26,6 +26,11 @@ def test_shipped_teacher_is_a_bidirectional_demo_teacher_with_fitted_codecs(ship
     # Codecs fitted on the world (their statistics), not the identity defaults.
     assert shipped.video_codec.fitted and shipped.audio_codec.fitted
     assert not torch.allclose(shipped.video_codec.std, torch.ones_like(shipped.video_codec.std))
+    # Its video codec draws with a drawer that reads the previous latent (streamed with it), and
+    # its record says the round trip meets issue 24's bar: >= 30 dB, peak within 10 %.
+    assert shipped.video_codec.context_latents == 1
+    drawer = json.loads((RECORD / "drawer-fit.json").read_text())
+    assert drawer["drawn"]["psnr_db"] >= 30.0 and abs(drawer["drawn"]["peak_ratio"] - 1) <= 0.1
     record = json.loads((RECORD / "training.json").read_text())
     assert record["steps"] >= 2000 and record["batch_size"] == 16
     assert (RECORD / f"eval-step{record['steps']}.json").is_file()

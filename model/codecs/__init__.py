@@ -11,7 +11,8 @@ anything about shards or files of clips. Torch only.
 
 Chunk-local decode is exact (bit-identical): every latent is decoded alone by the same code path
 with the same shapes, and audio carriers come from an integer-indexed sine table, so
-decode(cat(a, b)) == cat(decode(a, 0), decode(b, len(a))).
+decode(cat(a, b)) == cat(decode(a, 0), decode(b, len(a))); a video codec whose drawer reads the
+previous latent (`context_latents` 1) takes it as `context`: decode(b, len(a), context=a).
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
 Latent [1 + k, g, g, 6] per clip of 1 + 8k frames: mean RGB of each cell over an 8-frame group
 plus 3 temporal DCT-II coefficients of cell luminance. Decoded linearly, or, when the codec
 carries a fitted `CellDrawer` (model.codecs.drawer), drawn: the linear decode plus the drawer's
-learned correction, which puts back the crisp balls the cell means blur. Torch only.
+learned correction, which puts back the crisp balls the cell means blur. A drawer with context
+also reads the latent before each one: the codec then has `context_latents` = 1, and a chunk
+decoded after `start` > 0 takes the last latent of the chunk before it as `context`
+(model.streaming.decode_chunk passes it), so chunked decode equals whole-clip decode. Torch only.
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ class CellVideoCodec:
         self._basis = _dct_basis()  # [8, 3]
         self._luma = torch.tensor(LUMA)
         self.drawer = drawer.eval().requires_grad_(False) if drawer is not None else None
+        # Latents before a chunk that its decode reads (0: each latent is decoded alone).
+        self.context_latents = drawer.context if drawer is not None else 0
 
     def config(self) -> dict[str, Any]:
         cfg = {
@@ -141,6 +146,19 @@ class CellVideoCodec:
         dct = torch.einsum("jn,kjab->kabn", self._basis, luma)  # [k, g, g, 3]
         return torch.cat([first, torch.cat([groups.mean(1), dct], -1)], 0)
 
+    def encode_groups(self, x: torch.Tensor, lone: torch.Tensor) -> torch.Tensor:
+        """Differentiable `encode` of float frames [N, 8, H, W, 3] in [0, 1], one 8-frame group
+        each (lone [N] bool: only frame 0 counts, DCT channels zero) → standardised [N, g, g, 6].
+        What a decode must give back to be a right inverse of the encoder (drawer fitting)."""
+        n, g = x.shape[0], self.grid
+        cells = x.reshape(n, 8, g, self.height // g, g, self.width // g, 3).mean((3, 5))
+        cells = torch.einsum("ij,nfjkc,lk->nfilc", self._blur, cells, self._blur)  # [N,8,g,g,3]
+        one = lone[:, None, None, None]
+        means = torch.where(one, cells[:, 0], cells.mean(1))
+        dct = torch.einsum("jk,njab->nabk", self._basis, cells @ self._luma)
+        raw = torch.cat([means, torch.where(one, torch.zeros_like(dct), dct)], -1)
+        return (raw - self.mean) / self.std
+
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 [F, H, W, 3], F = 1 + 8k -> standardised float32 [1 + k, g, g, 6]."""
         return (self._raw(frames) - self.mean) / self.std
@@ -176,16 +194,27 @@ class CellVideoCodec:
         return img.expand(8, -1, -1, -1) if lone else img
 
     @torch.no_grad()
-    def _frames(self, z: torch.Tensor, lone: bool) -> torch.Tensor:
-        """One standardised latent → uint8 [1 or 8, H, W, 3]."""
+    def _frames(
+        self, z: torch.Tensor, lone: bool, prev: torch.Tensor | None, prev_lone: bool
+    ) -> torch.Tensor:
+        """One standardised latent (and the one before it, or None) → uint8 [1 or 8, H, W, 3]."""
         x = self.linear_frames(z, lone)
         if self.drawer is not None:
-            x = x + self.drawer(z[None], torch.tensor([lone]))[0]
+            has = prev is not None
+            before = (prev if has else torch.zeros_like(z))[None]
+            flags = torch.tensor([[lone], [has], [has and prev_lone]])  # [3, 1]
+            x = x + self.drawer(z[None], flags[0], before, flags[1], flags[2])[0]
         x = x[:1] if lone else x
         return (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
 
-    def decode(self, latents: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """float [n, g, g, 6] -> uint8 [F', H, W, 3]; F' = 1 + 8(n - 1) if start == 0 else 8n."""
+    def decode(
+        self, latents: torch.Tensor, start: int = 0, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """float [n, g, g, 6] -> uint8 [F', H, W, 3]; F' = 1 + 8(n - 1) if start == 0 else 8n.
+
+        `context` [m, g, g, 6]: the latents just before `start` (most recent last); a drawer with
+        context reads the last of them for the chunk's first latent (without it that latent is
+        drawn as if nothing came before). Ignored at start 0 and by the linear decode."""
         lat = torch.as_tensor(latents).float()
         g = self.grid
         if lat.ndim != 4 or tuple(lat.shape[1:]) != (g, g, self.latent_channels):
@@ -193,7 +222,15 @@ class CellVideoCodec:
                 f"video latents must be [n, {g}, {g}, {self.latent_channels}], "
                 f"got {tuple(lat.shape)}"
             )
-        out = [self._frames(lat[i], start == 0 and i == 0) for i in range(lat.shape[0])]
+        prev: list[torch.Tensor | None] = [None] * lat.shape[0]
+        if self.context_latents:
+            if start > 0 and context is not None and len(context):
+                prev[0] = torch.as_tensor(context)[-1].float()
+            prev[1:] = list(lat[:-1])
+        out = [
+            self._frames(lat[i], start + i == 0, prev[i], start + i == 1)
+            for i in range(lat.shape[0])
+        ]
         if not out:
             return torch.zeros(0, self.height, self.width, 3, dtype=torch.uint8)
         return torch.cat(out, 0)
