@@ -177,7 +177,7 @@ def runs(
     set_: SetOpt = None,
     limit: Annotated[int, typer.Option(help="Rows.")] = 20,
 ) -> None:
-    """List runs: id, stage, last step, status, checkpoint."""
+    """List runs: id, stage, last step, MLflow's status, ours (published?), checkpoint."""
     from pipeline import tracking
 
     with user_errors():
@@ -191,7 +191,9 @@ def runs(
             if exp
             else []
         )
-    table = Table("run", "stage", "step", "status", "checkpoint")
+    # MLflow's status (RUNNING also for a job killed outright: nobody was left to close it) and
+    # ours ("finished" only once the final export was published: what promote needs).
+    table = Table("run", "stage", "step", "mlflow", "omniforcing", "checkpoint")
     for r in found:
         tags = r.data.tags
         step = tags.get(tracking.CKPT_STEP_TAG, "-")
@@ -199,7 +201,8 @@ def runs(
             r.info.run_id,
             tags.get(tracking.STAGE_TAG, "-"),
             step,
-            tags.get(tracking.STATUS_TAG, r.info.status),
+            r.info.status,
+            tags.get(tracking.STATUS_TAG, "-"),
             tags.get(tracking.CKPT_TAG, "-"),
         )
     Console().print(table)

@@ -113,14 +113,17 @@ def check_local(d: Path, name: str) -> None:
 
 def newest_complete(uri: str, endpoint: str | None = None, region: str = "us-east-1") -> str:
     """The URI of the newest complete checkpoint in the run folder of checkpoint `uri` (the
-    one MLflow names; newer folders there are tried too: a write torn by a kill leaves one).
+    one MLflow names; newer folders there are tried too: a write torn by a kill leaves one),
+    or in the run folder `uri` itself.
     Each checkpoint passed over is logged as one warning naming it; none complete: ValueError."""
     from pipeline.checkpoint import filesystem_for
 
     fs, path, uri_prefix = filesystem_for(uri, endpoint, region)
     _forget_listings(fs)
-    parent, _, name = path.rpartition("/")
-    names = {name}
+    parent, _, name = path.rstrip("/").rpartition("/")
+    if not STEP_DIR.match(name):  # a launch's run folder, not a checkpoint in it
+        parent, name = path.rstrip("/"), ""
+    names = {name} - {""}
     if fs.get_file_info(parent).type == pafs.FileType.Directory:
         names |= {
             info.base_name

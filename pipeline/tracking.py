@@ -14,6 +14,7 @@ import signal
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +47,18 @@ def tracking_uri(cfg: JobConfig) -> str:
     folder = cfg.storage.path if "://" not in cfg.storage.path else "runs"
     Path(folder).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{Path(folder).resolve() / 'mlflow.db'}"
+
+
+def reachable(uri: str, timeout: float = 2.0) -> bool:
+    """Whether the tracking server answers its health check; stores that are not servers
+    (sqlite, a folder) are always reachable."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 def client_for(uri: str) -> MlflowClient:
@@ -153,6 +166,13 @@ def run_status(client: MlflowClient, run_id: str) -> Iterator[None]:
 
 
 def _end(client: MlflowClient, run_id: str, status: str) -> None:
+    if not reachable(client.tracking_uri):  # MLflow's own retries would hold us for minutes
+        print(
+            f"warning: could not mark MLflow run {run_id} {status}: the tracking server "
+            f"{client.tracking_uri} does not answer; `--resume {run_id}` reopens and ends it",
+            flush=True,
+        )
+        return
     try:
         if status != "FINISHED":
             set_tags(client, run_id, {STATUS_TAG: status.lower()})

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from pipeline import checkpoint as ck
-from pipeline import integrity, tracking
+from pipeline import integrity, outbox, tracking
 from pipeline.config import JobConfig
 from pipeline.fingerprint import resume_diff
 from pipeline.stages import get_stage
@@ -186,12 +186,14 @@ def _trainer(cfg: JobConfig, loop_cfg: dict[str, Any], ray_name: str, storage: c
 
 def _open_run(
     client: Any, cfg: JobConfig, stage: str, resume: str | None, parent: str | None
-) -> tuple[str, str | None]:
-    """(run id, checkpoint to resume from): a new run, or the `--resume` run if compatible."""
+) -> tuple[str, list[str]]:
+    """(run id, where to look for the checkpoint to resume from): a new run (nothing), or the
+    `--resume` run if compatible: its last launch's folder (a checkpoint written while the
+    tracking server was away never got its tag) and the folder of the tagged checkpoint."""
     if resume is None:
         return tracking.start_stage_run(
             client, cfg, stage, f"{stage}-{uuid.uuid4().hex[:8]}", parent
-        ), None
+        ), []
     run = tracking.find_run(client, cfg.mlflow.experiment, resume, stage)
     run_id = run.info.run_id
     run_stage_name = run.data.tags.get(tracking.STAGE_TAG)
@@ -211,7 +213,26 @@ def _open_run(
             + "; ".join(diff)
         )
     tracking.reopen_run(client, run_id)
-    return run_id, run.data.tags.get(tracking.CKPT_TAG)
+    tags = run.data.tags
+    storage = ck.resolve_storage(cfg.storage.path, cfg.storage.endpoint, cfg.storage.region)
+    tagged = tags.get(tracking.CKPT_TAG)
+    launch = storage.uri(tags[tracking.RAY_NAME_TAG]) if tracking.RAY_NAME_TAG in tags else None
+    if tagged and launch == tagged.rsplit("/", 1)[0]:
+        launch = None  # the same folder: search it once
+    return run_id, [where for where in (launch, tagged) if where]
+
+
+def _resume_point(cfg: JobConfig, places: list[str]) -> str | None:
+    """The newest complete checkpoint in the first of `places` that has one."""
+    errors = []
+    for where in places:
+        try:
+            return integrity.newest_complete(where, cfg.storage.endpoint, cfg.storage.region)
+        except ValueError as err:
+            errors.append(str(err))
+    if errors:
+        raise ValueError("; ".join(errors))
+    return None
 
 
 def run_stage(
@@ -222,9 +243,10 @@ def run_stage(
     uri = tracking.tracking_uri(cfg)
     client = tracking.client_for(uri)
     storage = ck.resolve_storage(cfg.storage.path, cfg.storage.endpoint, cfg.storage.region)
-    run_id, resume_from = _open_run(client, cfg, stage, resume, parent_run)
+    outbox.wait_reachable(uri, outbox.retry_budget(), "before starting the run")
+    run_id, places = _open_run(client, cfg, stage, resume, parent_run)
     with tracking.run_status(client, run_id):  # FINISHED, FAILED or KILLED in MLflow
-        step = _fit(cfg, stage, client, uri, storage, run_id, resume_from)
+        step = _fit(cfg, stage, client, uri, storage, run_id, places)
     tags = client.get_run(run_id).data.tags
     return StageResult(run_id, tags.get(tracking.CKPT_TAG), step, uri)
 
@@ -236,17 +258,14 @@ def _fit(
     uri: str,
     storage: ck.Storage,
     run_id: str,
-    resume_from: str | None,
+    places: list[str],
 ) -> int:
     """One launch of the stage's TorchTrainer for `run_id`; returns the last published step."""
     # A fresh Ray run name per launch: Ray restores within one fit(); across launches the
-    # MLflow-tracked checkpoint URI is the source of truth.
+    # folders MLflow names are the source of truth.
+    resume_from = _resume_point(cfg, places)
     ray_name = f"{stage}-{uuid.uuid4().hex[:8]}"
     tracking.set_tags(client, run_id, {tracking.RAY_NAME_TAG: ray_name})
-    if resume_from:  # the newest complete checkpoint of the run folder MLflow names
-        resume_from = integrity.newest_complete(
-            resume_from, cfg.storage.endpoint, cfg.storage.region
-        )
     ensure_ray(cfg)
     loop_cfg = {
         "config": cfg.to_dict(),
@@ -255,13 +274,14 @@ def _fit(
         "tracking_uri": uri,
         "resume_from": resume_from,
         "storage_uri": storage.uri(ray_name),
+        "tracking_retry_s": outbox.retry_budget(),
     }
     with stage_driver(cfg, stage) as extra:
         loop_cfg["worker_extra"] = extra
         try:
             result = _trainer(cfg, loop_cfg, ray_name, storage).fit()
         except Exception as err:  # Ray's TrainingFailedError: a traceback's worth of text
-            tags = client.get_run(run_id).data.tags
+            tags = client.get_run(run_id).data.tags if outbox.reachable(uri) else {}
             raise TrainingFailed(
                 f"{stage} run {run_id} failed; last checkpoint step "
                 f"{tags.get(tracking.CKPT_STEP_TAG, 'none')} ({tags.get(tracking.CKPT_TAG, '-')}),"
@@ -270,7 +290,18 @@ def _fit(
     ckpt = result.checkpoint or (
         ck.open_uri(resume_from, cfg.storage.endpoint, cfg.storage.region) if resume_from else None
     )
-    return _publish(client, run_id, ckpt) if ckpt else 0
+    if ckpt is None:
+        return 0
+    ckpt_uri = storage.uri_prefix + ckpt.path if result.checkpoint else resume_from
+    try:
+        outbox.wait_reachable(uri, outbox.retry_budget(), f"while publishing run {run_id}")
+    except outbox.TrackingUnreachable as err:
+        raise TrainingFailed(
+            f"{err}; training finished and its last checkpoint {ckpt_uri} holds the weights "
+            f"and the metrics not logged yet: run the same command with --resume {run_id} "
+            "once the server answers"
+        ) from None
+    return _publish(client, run_id, ckpt, ckpt_uri)
 
 
 class TrainingFailed(RuntimeError):
@@ -284,10 +315,14 @@ def _reason(err: BaseException) -> str:
     return (useful or lines or [type(err).__name__])[-1]
 
 
-def _publish(client: Any, run_id: str, ckpt: Any) -> int:
-    """Log the final checkpoint's consolidated Bundle as the run's `bundle` artifact."""
+def _publish(client: Any, run_id: str, ckpt: Any, ckpt_uri: str) -> int:
+    """Log the final checkpoint's consolidated Bundle as the run's `bundle` artifact (and tag
+    the checkpoint: the worker's own tag may still sit in its outbox, or a checkpoint's)."""
     with ckpt.as_directory() as d:
         meta = ck.read_meta(Path(d))
+        tracking.set_tags(
+            client, run_id, {tracking.CKPT_TAG: ckpt_uri, tracking.CKPT_STEP_TAG: meta["step"]}
+        )
         bundle = Path(d) / "bundle"
         if meta.get("export") and bundle.is_dir():
             client.log_artifacts(run_id, str(bundle), "bundle")

@@ -10,6 +10,8 @@ code (MLflow run, dataset, TorchTrainer: `pipeline.trainer`), no loss (stages), 
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import tempfile
 import time
@@ -21,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import checkpoint as ck
-from pipeline import integrity, tracking
+from pipeline import integrity, outbox, tracking
 from pipeline.config import JobConfig, validate
 from pipeline.fidelity import Watcher
 from pipeline.fingerprint import fingerprint, resume_diff
@@ -84,8 +86,9 @@ def _context(cfg: JobConfig, loop_cfg: dict[str, Any] | None = None) -> WorkerCo
 
 def _restore(
     stage: Any, ctx: WorkerContext, loop_cfg: dict[str, Any]
-) -> tuple[int, dict[str, int]]:
-    """(step, data position) from Ray's latest checkpoint or `resume_from`; (0, start) if none."""
+) -> tuple[int, dict[str, int], dict[str, Any]]:
+    """(step, data position, unsent MLflow writes) from Ray's latest checkpoint or
+    `resume_from`; (0, start, {}) if none."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
@@ -93,7 +96,7 @@ def _restore(
     if ckpt is None and name:
         ckpt = ck.open_uri(name, ctx.cfg.storage.endpoint, ctx.cfg.storage.region)
     if ckpt is None:
-        return 0, {"epoch": 0, "index": 0}
+        return 0, {"epoch": 0, "index": 0}, {}
     with ckpt.as_directory() as d:
         d = Path(d)
         integrity.check_local(d, name)  # a torn or corrupted checkpoint is never loaded
@@ -106,14 +109,21 @@ def _restore(
         for name, ema in stage.emas().items():
             ema.load(ck.load_tensors(d / "ema" / f"{name}-rank{ctx.rank}.safetensors"), str(d))
         ck.load_rng(d, ctx.rank)
-    return int(meta["step"]), dict(meta["data_position"])
+        unsent = outbox.load_pending(d) if ctx.rank == 0 else {}
+    return int(meta["step"]), dict(meta["data_position"]), unsent
 
 
 def _save(
-    stage: Any, ctx: WorkerContext, step: int, pos: dict[str, int], extra: dict[str, Any]
+    stage: Any,
+    ctx: WorkerContext,
+    step: int,
+    pos: dict[str, int],
+    extra: dict[str, Any],
+    box: outbox.TrackingOutbox | None = None,
 ) -> Path:
     """Every rank fills a private temp dir and lists what it wrote in its manifest (last),
-    then renames it into place; rank 0 adds meta.json (with the world size) before its own."""
+    then renames it into place; rank 0 adds meta.json (with the world size) and the MLflow
+    writes not sent yet (the tracking server may be away) before its own."""
     root = Path(tempfile.mkdtemp(prefix=f"omni-ckpt-r{ctx.rank}-"))
     tmp, final = ck.staging_dir(root, step)
     for name, engine in stage.engines().items():
@@ -127,6 +137,8 @@ def _save(
         meta = {"step": step, "data_position": pos, "fingerprint": fingerprint(ctx.cfg)}
         meta |= {"world": ctx.world, "config": ctx.cfg.to_dict()}
         ck.write_meta(tmp, {**meta, **extra})
+    if box is not None:
+        outbox.save_pending(box, tmp)
     integrity.write_manifest(tmp, ctx.rank)
     return ck.commit(tmp, final)
 
@@ -152,13 +164,13 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     stage = get_stage(loop_cfg["stage"])()
     stage.setup(ctx)
-    start, pos = _restore(stage, ctx, loop_cfg)
+    start, pos, unsent = _restore(stage, ctx, loop_cfg)
     stream = BatchStream(ray.train.get_dataset_shard("train"), cfg.data.batch_size, **pos)
-    logger = (
-        tracking.MetricLogger(loop_cfg["tracking_uri"], loop_cfg["run_id"])
-        if ctx.rank == 0
-        else None
-    )
+    logger = None
+    if ctx.rank == 0:  # MLflow's own retries would hold a send for minutes: the outbox retries
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        logger = outbox.TrackingOutbox(loop_cfg["tracking_uri"], loop_cfg["run_id"])
+        logger.restore(unsent)
     t = cfg.train
     watch = Watcher(stage, ctx, logger)  # train.fidelity: evaluate, keep the best
     for step in range(start + 1, t.steps + 1):
@@ -168,13 +180,30 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         metrics["samples_per_s"] = per_step / max(time.perf_counter() - t0, 1e-9)
         watch(step)  # collective at its steps; logs before the losses (see pipeline.fidelity)
         if logger and (step % t.log_every == 0 or step == t.steps):
-            logger.log(step, metrics)
+            logger.log_metrics(step, metrics)
         if t.plot_every and step % t.plot_every == 0:
             _artifacts(stage, ctx, step, logger)
         if step % t.checkpoint_every == 0 or step == t.steps:
             _checkpoint(stage, ctx, step, stream.position(), metrics, loop_cfg, logger)
     if logger:
         _plot(logger, stage)
+        _close(logger, loop_cfg)
+
+
+def _close(box: outbox.TrackingOutbox, loop_cfg: dict[str, Any]) -> None:
+    """Send the backlog before the worker ends; a server still away after the budget leaves
+    it in the last checkpoint, to be logged by `--resume` (the driver then fails clearly)."""
+    backlog = box.describe()
+    left = box.close(float(loop_cfg.get("tracking_retry_s", outbox.DEFAULT_RETRY_S)))
+    if left:
+        logging.getLogger("omniforcing.tracking").warning(
+            "MLflow server %s still unreachable: %s of run %s not logged; the metrics and tags "
+            "are kept in the last checkpoint and are logged on --resume %s",
+            box.uri,
+            backlog,
+            box.run_id,
+            box.run_id,
+        )
 
 
 def _checkpoint(stage, ctx, step, pos, metrics, loop_cfg, logger) -> None:
@@ -183,7 +212,7 @@ def _checkpoint(stage, ctx, step, pos, metrics, loop_cfg, logger) -> None:
 
     final = step == ctx.cfg.train.steps
     name = f"step-{step:08d}"
-    d = _save(stage, ctx, step, pos, {"stage": loop_cfg["stage"], "export": final})
+    d = _save(stage, ctx, step, pos, {"stage": loop_cfg["stage"], "export": final}, logger)
     ray.train.report(
         {"step": step, **metrics},
         checkpoint=Checkpoint.from_directory(str(d)),
@@ -192,9 +221,7 @@ def _checkpoint(stage, ctx, step, pos, metrics, loop_cfg, logger) -> None:
     shutil.rmtree(d.parent, ignore_errors=True)
     if logger:
         uri = loop_cfg["storage_uri"] + "/" + name
-        tracking.set_tags(
-            logger.client, logger.run_id, {tracking.CKPT_TAG: uri, tracking.CKPT_STEP_TAG: step}
-        )
+        logger.set_tags({tracking.CKPT_TAG: uri, tracking.CKPT_STEP_TAG: step})
 
 
 def _artifacts(stage: Any, ctx: WorkerContext, step: int, logger: Any) -> None:
@@ -206,15 +233,15 @@ def _artifacts(stage: Any, ctx: WorkerContext, step: int, logger: Any) -> None:
         if hook is not None:
             hook(step, Path(d) if logger else None, ctx)
         if logger and any(Path(d).iterdir()):
-            logger.client.log_artifacts(logger.run_id, d, f"samples/step-{step:08d}")
+            logger.log_artifacts(d, f"samples/step-{step:08d}")
     if logger:
         _plot(logger, stage)
 
 
-def _plot(logger: tracking.MetricLogger, stage: Any) -> None:
+def _plot(logger: outbox.TrackingOutbox, stage: Any) -> None:
     from pipeline.plots import loss_curve
 
     keys = getattr(stage, "plot_keys", ["loss"])
     with tempfile.TemporaryDirectory() as d:
         loss_curve(logger.history(keys), Path(d) / "loss_curve.png", title=stage.name)
-        logger.log_artifact(Path(d) / "loss_curve.png", "plots")
+        logger.log_artifacts(d, "plots")

@@ -8,94 +8,22 @@ from __future__ import annotations
 
 import base64
 import io
-import itertools
 import json
-import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from matplotlib import image as mpimg
-from websockets.sync.client import ClientConnection, connect
 
-from tests.fixtures.serve import running_serve, wait_for
-
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--autoplay-policy=no-user-gesture-required",
-    "--window-size=900,800",
-    "--remote-debugging-port=0",
-]
-
-
-class DevTools:
-    """Minimal Chrome DevTools Protocol client: send a command, wait for its reply."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws, self._ids = ws, itertools.count(1)
-
-    def call(self, method: str, **params) -> dict:
-        msg_id = next(self._ids)
-        self.ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
-        while True:
-            reply = json.loads(self.ws.recv(timeout=60))
-            if reply.get("id") == msg_id:
-                if "error" in reply:
-                    raise RuntimeError(f"{method}: {reply['error']}")
-                return reply["result"]
-
-    def eval(self, expression: str):
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        return result["result"].get("value")
+from tests.fixtures.browser import DevTools
+from tests.fixtures.serve import running_serve
 
 
 @pytest.fixture(scope="module")
 def server(ray_local):
     with running_serve("synthetic:0.02", max_streams=2, max_seconds=10) as url:
         yield url
-
-
-@pytest.fixture()
-def browser(tmp_path: Path):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} missing: install it (scripts/setup.sh: apt-get install chromium)")
-    profile = tmp_path / "profile"
-    proc = subprocess.Popen(
-        [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        port_file = profile / "DevToolsActivePort"
-        wait_for(lambda: port_file.exists() and port_file.read_text().strip(), 60, "chromium")
-        port = int(port_file.read_text().split()[0])
-        pages = wait_for(
-            lambda: [
-                t
-                for t in httpx.get(f"http://127.0.0.1:{port}/json/list").json()
-                if t["type"] == "page"
-            ],
-            30,
-            "a chromium page target",
-        )
-        with connect(pages[0]["webSocketDebuggerUrl"], max_size=None) as ws:
-            yield DevTools(ws)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_page_plays_the_stream_and_reports_first_frame(

@@ -88,9 +88,12 @@ def test_runs_and_promote_cli(tmp_path: Path, tiny_bundle_dir: Path) -> None:
     runner = CliRunner()
     res = runner.invoke(app, ["runs", "-c", "configs/tiny.yaml", *sets], env={"COLUMNS": "250"})
     assert res.exit_code == 0, res.output
-    assert (
-        rid in res.output and "ode" in res.output and "running" in res.output and "7" in res.output
-    )
+    row = next(line for line in res.output.splitlines() if rid in line)
+    assert "ode" in row and "RUNNING" in row and "running" in row and "7" in row
+    client.set_terminated(rid, "KILLED")  # MLflow's own status is its own column
+    res = runner.invoke(app, ["runs", "-c", "configs/tiny.yaml", *sets], env={"COLUMNS": "250"})
+    row = next(line for line in res.output.splitlines() if rid in line)
+    assert "KILLED" in row and "RUNNING" not in row
     res = runner.invoke(app, ["promote", "--run", rid, "-c", "configs/tiny.yaml", *sets])
     assert res.exit_code == 2 and "no finished student checkpoint" in res.output
     assert "Traceback" not in res.output
