@@ -74,7 +74,7 @@ class TrackingOutbox:
         self._ops: deque[tuple] = deque()
         self._seen: dict[str, dict[int, float]] = {}  # what this process logged, for plots
         self._cv = threading.Condition()
-        self._closing = False
+        self._stopped = False
         self._down_since: float | None = None
         self._spool = Path(tempfile.mkdtemp(prefix="omni-outbox-"))
         self._thread = threading.Thread(target=self._run, name="mlflow-outbox", daemon=True)
@@ -132,14 +132,16 @@ class TrackingOutbox:
         return len(ops)
 
     def close(self, budget_s: float) -> int:
-        """Wait up to `budget_s` for the backlog to be sent; returns how many ops are left."""
+        """Wait up to `budget_s` for the backlog to be sent; returns how many ops are left.
+        Nothing is sent after this returns (what is left lives on in the last checkpoint)."""
         deadline = time.monotonic() + budget_s
         with self._cv:
-            self._closing = True
             self._cv.notify_all()
             while self._ops and time.monotonic() < deadline:
                 self._cv.wait(min(1.0, max(deadline - time.monotonic(), 0.01)))
             left = len(self._ops)
+            self._stopped = True
+            self._cv.notify_all()
         if not left:
             shutil.rmtree(self._spool, ignore_errors=True)
         return left
@@ -160,24 +162,33 @@ class TrackingOutbox:
             self._cv.notify_all()
 
     def _run(self) -> None:
-        delay = 1.0
+        delay, refused = 1.0, 0
         while True:
             with self._cv:
-                while not self._ops:
+                while not self._ops and not self._stopped:
                     self._cv.wait()
+                if self._stopped:
+                    return
                 op = self._ops[0]
             try:
                 if not reachable(self.uri):
                     raise ConnectionError("health check failed")
                 self._send(op)
             except Exception as err:  # noqa: BLE001 — keep it, say so once, try again later
-                self._went_down(err)
-                with self._cv:
-                    self._cv.wait(delay)
-                delay = min(delay * 2, 30.0)
-                continue
-            delay = 1.0
+                # A server that answers its health check but refuses the same write 3 times
+                # (a bad value, a key too long) must not hold every later write back.
+                refused = refused + 1 if reachable(self.uri) else 0
+                if refused < 3:
+                    self._went_down(err)
+                    with self._cv:
+                        self._cv.wait_for(lambda: self._stopped, delay)
+                    delay = min(delay * 2, 30.0)
+                    continue
+                log.error("MLflow refused %s for run %s: %s; dropped", op[:2], self.run_id, err)
+            delay, refused = 1.0, 0
             with self._cv:
+                if self._stopped:
+                    return  # sent during close's last moment: the checkpoint has it too
                 if self._ops and self._ops[0] is op:
                     self._ops.popleft()
                 self._cv.notify_all()
