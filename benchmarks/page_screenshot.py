@@ -13,19 +13,46 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from matplotlib import image as mpimg
 from matplotlib import pyplot as plt
 
+from benchmarks.browser import DevTools, open_chromium
 from data.sync import appearance
-from tests.fixtures.browser import DevTools, open_chromium
-from tests.fixtures.serve import running_serve
+
+
+@contextlib.contextmanager
+def serving(model: str, max_seconds: int) -> Iterator[str]:
+    """The Serve app on `model` (local Ray, a free port) until the block ends; yields its URL."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from data.local_s3 import free_port
+    from deploy.cli import start_serve
+
+    port = free_port()
+    try:
+        start_serve(model, port=port, max_streams=1, max_seconds=max_seconds, num_cpus=8)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):  # a replica loads its model before /healthz answers
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                    break
+            time.sleep(0.1)
+        yield url
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
 
 
 def _canvas(browser: DevTools) -> np.ndarray:
@@ -94,7 +121,7 @@ def main() -> None:
     p.add_argument("--every", type=float, default=1.0, help="seconds between screenshots")
     p.add_argument("--out", type=Path, default=Path("page.png"))
     args = p.parse_args()
-    with running_serve(args.model, max_streams=1, max_seconds=max(10, args.seconds)) as url:
+    with serving(args.model, max(10, args.seconds)) as url:
         shots, omni = capture(url, args.prompt, args.seconds, args.seed, args.every)
     if omni.get("state") != "done" or not shots:
         raise SystemExit(f"the page did not play the clip: {omni}")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from tests.fixtures.browser import DevTools
+from benchmarks.browser import DevTools
 from tests.fixtures.serve import running_serve
 
 
