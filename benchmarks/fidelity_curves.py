@@ -35,6 +35,8 @@ def plot(client: MlflowClient, runs: dict[str, str], start: dict[str, float], ou
             teacher = metrics.get(f"fidelity/teacher/{figure}", teacher)
         if teacher is not None:
             ax.axhline(teacher, ls="--", color="k", lw=1, label="teacher")
+        if figure == "median_offset_ms":
+            ax.set_yscale("log")  # a collapsed run's offsets are seconds, a good one's tens of ms
         ax.set_title(figure, fontsize=10)
         ax.set_xlabel("self-forcing step")
         ax.grid(alpha=0.3)
@@ -51,7 +53,7 @@ def main() -> None:
     p.add_argument("--start", action="append", default=[], help="FIGURE=VALUE at step 0")
     p.add_argument("--out", type=Path, default=Path("fidelity_curves.png"))
     args = p.parse_args()
-    runs = dict(r.split("=", 1) for r in args.run)
+    runs = dict(r.rsplit("=", 1) for r in args.run)  # a label may hold "="
     start = {k: float(v) for k, v in (s.split("=", 1) for s in args.start)}
     plot(MlflowClient(args.tracking_uri), runs, start, args.out)
     print(f"wrote {args.out}")
