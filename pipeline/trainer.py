@@ -185,7 +185,12 @@ def _trainer(cfg: JobConfig, loop_cfg: dict[str, Any], ray_name: str, storage: c
 
 
 def _open_run(
-    client: Any, cfg: JobConfig, stage: str, resume: str | None, parent: str | None
+    client: Any,
+    cfg: JobConfig,
+    storage: ck.Storage,
+    stage: str,
+    resume: str | None,
+    parent: str | None,
 ) -> tuple[str, list[str]]:
     """(run id, where to look for the checkpoint to resume from): a new run (nothing), or the
     `--resume` run if compatible: its last launch's folder (a checkpoint written while the
@@ -214,7 +219,6 @@ def _open_run(
         )
     tracking.reopen_run(client, run_id)
     tags = run.data.tags
-    storage = ck.resolve_storage(cfg.storage.path, cfg.storage.endpoint, cfg.storage.region)
     tagged = tags.get(tracking.CKPT_TAG)
     launch = storage.uri(tags[tracking.RAY_NAME_TAG]) if tracking.RAY_NAME_TAG in tags else None
     if tagged and launch == tagged.rsplit("/", 1)[0]:
@@ -244,7 +248,7 @@ def run_stage(
     client = tracking.client_for(uri)
     storage = ck.resolve_storage(cfg.storage.path, cfg.storage.endpoint, cfg.storage.region)
     outbox.wait_reachable(uri, outbox.retry_budget(), "before starting the run")
-    run_id, places = _open_run(client, cfg, stage, resume, parent_run)
+    run_id, places = _open_run(client, cfg, storage, stage, resume, parent_run)
     with tracking.run_status(client, run_id):  # FINISHED, FAILED or KILLED in MLflow
         step = _fit(cfg, stage, client, uri, storage, run_id, places)
     tags = client.get_run(run_id).data.tags
@@ -281,7 +285,7 @@ def _fit(
         try:
             result = _trainer(cfg, loop_cfg, ray_name, storage).fit()
         except Exception as err:  # Ray's TrainingFailedError: a traceback's worth of text
-            tags = client.get_run(run_id).data.tags if outbox.reachable(uri) else {}
+            tags = client.get_run(run_id).data.tags if tracking.reachable(uri) else {}
             raise TrainingFailed(
                 f"{stage} run {run_id} failed; last checkpoint step "
                 f"{tags.get(tracking.CKPT_STEP_TAG, 'none')} ({tags.get(tracking.CKPT_TAG, '-')}),"

@@ -213,9 +213,10 @@ def test_incompatible_resume_is_refused_naming_keys(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"data\.batch_size: 2 -> 4; train\.lr: 0\.003 -> 0\.5"):
         run_stage(changed, "teacher", resume=rid)
     with pytest.raises(ValueError, match="is stage 'teacher', not 'ode'"):
+        from pipeline.checkpoint import resolve_storage
         from pipeline.trainer import _open_run
 
-        _open_run(client, base, "ode", rid, None)
+        _open_run(client, base, resolve_storage(base.storage.path), "ode", rid, None)
 
     from pipeline.cli import app
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from model.bundle import Bundle
 from pipeline import single, single_record, tracking
+from pipeline.checkpoint import resolve_storage
 from pipeline.config import load_config
 from pipeline.registry import load_bundle
 from pipeline.trainer import _open_run
@@ -191,5 +192,6 @@ def test_render_train_export_log(tmp_path: Path, mlflow_uri: str) -> None:
     logged = load_bundle(f"runs:/{run_id}/bundle", dst=str(tmp_path / "dl"))
     for k, v in logged.model.state_dict().items():
         assert torch.equal(v, exported[k])
+    storage = resolve_storage(cfg.storage.path)
     with pytest.raises(ValueError, match="recorded by `pipeline.single log`"):
-        _open_run(MlflowClient(mlflow_uri), cfg, "teacher", run_id, None)  # nothing to resume
+        _open_run(MlflowClient(mlflow_uri), cfg, storage, "teacher", run_id, None)  # no ckpt
