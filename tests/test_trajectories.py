@@ -145,8 +145,14 @@ def test_actor_pool_streams_and_caches(
     # Cached: the first call writes shards under the teacher's fingerprint, the second reuses them.
     first = shards.cached_trajectories(ds, cfg).take_all()
     fp = shards.teacher_fingerprint(tiny_teacher_dir)
-    out = shards.trajectory_dir(tmp_path, fp, STUDENT, shards.sampler_tag(cfg.distill))
+    tag = shards.data_tag(cfg)
+    out = shards.trajectory_dir(tmp_path, fp, STUDENT, shards.sampler_tag(cfg.distill), tag)
     assert out.name.endswith("-steps4-cfg3_5")  # teacher steps and CFG scales key the cache
+    assert out.parent.name == tag and tag.startswith("data-")
+    # Another seed (each row's noise) or another dataset must not be handed these rows.
+    reseeded = distill_config(tiny_teacher_dir, train={"seed": 1})
+    moved = distill_config(tiny_teacher_dir, data={"path": str(tmp_path / "other")})
+    assert len({tag, shards.data_tag(reseeded), shards.data_tag(moved)}) == 3
     stamp = (out / "index.json").stat().st_mtime_ns
     second = shards.cached_trajectories(ds, cfg).take_all()
     assert (out / "index.json").stat().st_mtime_ns == stamp

@@ -1,7 +1,8 @@
 """Trajectory shards: the teacher's ODE rows cached as webdataset tars of `<key>.safetensors` +
-`<key>.json` under `<root>/teacher-<fingerprint>/sigmas-<list>-steps<N>-cfg<v>_<a>/`, written
-atomically, so a repeated or resumed job reuses them, and a change of teacher weights, guide,
-student σ, teacher steps or CFG scales writes new ones. Never pickles."""
+`<key>.json` under `<root>/teacher-<fingerprint>/data-<tag>/sigmas-<list>-steps<N>-cfg<v>_<a>/`,
+written atomically, so a repeated or resumed job reuses them, and a change of teacher weights,
+guide, dataset (its path and index), seed (it picks each row's noise), student σ, teacher steps
+or CFG scales writes new ones. Never pickles."""
 
 from __future__ import annotations
 
@@ -58,17 +59,35 @@ def sampler_tag(distill: Any) -> str:
     return f"steps{distill.teacher_steps}-cfg{distill.ode_cfg_video:g}_{distill.ode_cfg_audio:g}"
 
 
+def data_tag(cfg: Any) -> str:
+    """`data-<16 hex>`: the rows' source as the trajectories depend on it: data source, path,
+    clip length, the shard index (a re-synthesised folder at the same path differs) and the
+    seed (`row_seed` draws each row's noise from it). Without it a second dataset pointed at
+    the same cache would be handed the first one's trajectories, captions and all."""
+    from data.shards import read_index
+
+    d = cfg.data
+    parts: list[Any] = [d.source, str(d.path), d.seconds, cfg.train.seed]
+    if d.source == "shards":
+        parts.append(read_index(str(d.path)))
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return "data-" + hashlib.sha256(blob).hexdigest()[:16]
+
+
 def trajectory_dir(
-    root: str | os.PathLike, fingerprint: str, sigmas: Sequence[float], sampler: str = ""
+    root: str | os.PathLike,
+    fingerprint: str,
+    sigmas: Sequence[float],
+    sampler: str = "",
+    data: str = "",
 ) -> Path:
-    """`<root>/teacher-<fingerprint[:16]>/sigmas-<σ list>[-<sampler>]`: one folder per teacher,
-    σ list and teacher sampler (`sampler_tag`)."""
+    """`<root>/teacher-<fingerprint[:16]>[/<data>]/sigmas-<σ list>[-<sampler>]`: one folder per
+    teacher, dataset and seed (`data_tag`), σ list and teacher sampler (`sampler_tag`)."""
     tag = "_".join(f"{float(s):.4f}" for s in sigmas)
-    return (
-        Path(root)
-        / f"teacher-{fingerprint[:16]}"
-        / f"sigmas-{tag}{'-' + sampler if sampler else ''}"
-    )
+    base = Path(root) / f"teacher-{fingerprint[:16]}"
+    if data:
+        base = base / data
+    return base / f"sigmas-{tag}{'-' + sampler if sampler else ''}"
 
 
 def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -157,7 +176,7 @@ def cached_trajectories(ds: Any, cfg: Any) -> Any:
     if not d.trajectory_cache:
         return score_dataset(ds, cfg)
     fp = teacher_fingerprint(d.teacher)
-    out = trajectory_dir(d.trajectory_cache, fp, d.student_sigmas, sampler_tag(d))
+    out = trajectory_dir(d.trajectory_cache, fp, d.student_sigmas, sampler_tag(d), data_tag(cfg))
     if not (out / "index.json").is_file():
         write_trajectory_shards(score_dataset(ds, cfg).iter_rows(), out)
     index = json.loads((out / "index.json").read_text())
