@@ -79,20 +79,59 @@ def rollout_blocks(
         yield k, x0v, x0a
 
 
-def decode_chunk(
-    codec, latents: torch.Tensor, start: int, context: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """codec.decode(latents [n, ...], start) → (decoded chunk, context for the next chunk).
+class ChunkDecoder:
+    """Decodes one modality's latents chunk by chunk, in order, carrying across each boundary
+    what the codec reads there.
 
-    A codec with `context_latents` > 0 (a learned VAE whose decoder reads neighbouring latents:
-    pipeline.ltx2's) also gets the latents just before `start`, and the tail of what it has
-    seen comes back for the next call; our own codecs decode each latent alone and get none."""
-    want = getattr(codec, "context_latents", 0)
-    if not want:
-        return codec.decode(latents, start=start), None
-    out = codec.decode(latents, start=start, context=context)
-    seen = latents if context is None else torch.cat([context, latents])
-    return out, seen[-want:]
+    A codec with `context_latents` c > 0 (a decoder that reads earlier latents: the drawer,
+    LTX-2's VAEs) gets the last c latents before each chunk as `context`. A codec with
+    `lookahead_latents` L > 0 (one that reads later latents: LTX-2.0's video decoder, the
+    vocoder) has each chunk's last L latents held back and decoded with the next chunk, which
+    passes them their next latents as `ahead`: the output lags the latents by L, a chunk too short
+    to release anything decodes to an empty one, and `flush()` gives the held tail at the end (with
+    nothing ahead). Codecs with neither (our cell codecs) decode each chunk alone.
+    `time_axis`: the output's time axis (video frames [F, H, W, 3]: 0; audio [channels, S]: 1)."""
+
+    def __init__(self, codec, time_axis: int) -> None:
+        self.codec = codec
+        self.want = int(getattr(codec, "context_latents", 0))
+        self.lookahead = int(getattr(codec, "lookahead_latents", 0))
+        self.axis = time_axis
+        self.context: torch.Tensor | None = None  # the last `want` latents decoded
+        self.held: torch.Tensor | None = None  # latents waiting for their look-ahead
+        self.held_start = 0  # latent index of held[0]
+
+    def push(self, latents: torch.Tensor, start: int) -> torch.Tensor:
+        """The decoded output of latents [n, ...] starting at latent `start` (what of them, and
+        of those held before, has its look-ahead now)."""
+        if self.held is not None:
+            latents, start = torch.cat([self.held, latents]), self.held_start
+            self.held = None
+        if not self.lookahead:
+            return self._decode(latents, start, None)
+        n = len(latents) - self.lookahead
+        if n <= 0:  # e.g. a one-latent prefix with L = 1: release nothing yet
+            self.held, self.held_start = latents, start
+            return self.codec.decode(latents, start=start).narrow(self.axis, 0, 0)
+        self.held, self.held_start = latents[n:], start + n
+        return self._decode(latents[:n], start, latents[n:])
+
+    def flush(self) -> torch.Tensor | None:
+        """The held-back tail decoded with nothing ahead (the stream ended), or None."""
+        if self.held is None:
+            return None
+        held, self.held = self.held, None
+        return self._decode(held, self.held_start, None)
+
+    def _decode(self, latents: torch.Tensor, start: int, ahead: torch.Tensor | None):
+        if not self.want and ahead is None:
+            return self.codec.decode(latents, start=start)
+        kwargs = {} if ahead is None else {"ahead": ahead}
+        out = self.codec.decode(latents, start=start, context=self.context, **kwargs)
+        if self.want:
+            seen = latents if self.context is None else torch.cat([self.context, latents])
+            self.context = seen[-self.want :]
+        return out
 
 
 # Rolling window (blocks of one second, per modality) of a served stream: the 5 s the students are
@@ -163,14 +202,20 @@ class StreamingGenerator:
             view, cache = self.model, self.new_cache(prompt, seconds)
         layout = BlockLayout(seconds, cfg.video_block_latents, cfg.audio_block_latents)
         t_prev = start
-        vctx = actx = None  # latents before this chunk, for codecs that read them (LTX-2's)
+        # Per modality: the context and look-ahead its codec reads across chunk boundaries.
+        video = ChunkDecoder(self.bundle.video_codec, time_axis=0)
+        audio_dec = ChunkDecoder(self.bundle.audio_codec, time_axis=1)
+        shown = 0  # frames yielded so far (a look-ahead codec lags the blocks)
         for k, x0v, x0a in rollout_blocks(view, cache, seconds, self.sigmas, gen):
             v0, _ = layout.video_range(k)
             a0, _ = layout.audio_range(k)
-            frames, vctx = decode_chunk(self.bundle.video_codec, x0v[0].float().cpu(), v0, vctx)
-            audio, actx = decode_chunk(self.bundle.audio_codec, x0a[0].float().cpu(), a0, actx)
+            frames = video.push(x0v[0].float().cpu(), v0)
+            audio = audio_dec.push(x0a[0].float().cpu(), a0)
+            if k == layout.num_blocks - 1:  # the last block: what the codecs still hold back
+                frames = _join(frames, video.flush(), 0)
+                audio = _join(audio, audio_dec.flush(), 1)
             now = time.perf_counter()
-            t0 = 0.0 if k == 0 else (1 + cfg.fps * (k - 1)) / cfg.fps
+            t0, shown = shown / cfg.fps, shown + frames.shape[0]
             yield Chunk(
                 index=k,
                 frames=frames,
@@ -184,3 +229,7 @@ class StreamingGenerator:
             )
             t_prev = time.perf_counter()
         del cache
+
+
+def _join(out: torch.Tensor, tail: torch.Tensor | None, axis: int) -> torch.Tensor:
+    return out if tail is None else torch.cat([out, tail], dim=axis)

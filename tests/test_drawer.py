@@ -48,21 +48,22 @@ def test_drawn_decode_is_chunk_local_and_differs_from_linear(codecs) -> None:
 
 def test_context_drawer_streams_chunk_by_chunk_as_the_whole_clip(codecs) -> None:
     """Chunks of 1, 3 and 5 latents, each decoded with the latents before it as `context` (what
-    model.streaming.decode_chunk carries): the same bytes as one whole-clip decode. Without the
+    model.streaming.ChunkDecoder carries): the same bytes as one whole-clip decode. Without the
     context a chunk draws differently, so the drawer does read its previous latent."""
-    from model.streaming import decode_chunk
+    from model.streaming import ChunkDecoder
 
     video = codecs[0].with_drawer(_drawer(codecs[0], seed=2, context=1))
     assert video.context_latents == 1 and video.config()["drawer"]["context"] == 1
     z = video.encode(torch.as_tensor(render_clip(7, height=32, width=32).frames))  # [16, 4, 4, 6]
     whole = video.decode(z)
     for size in (1, 3, 5):
-        out, ctx = decode_chunk(video, z[:1], 0, None)
-        parts = [out]
+        dec = ChunkDecoder(video, time_axis=0)
+        parts = [dec.push(z[:1], 0)]
         for s in range(1, len(z), size):
-            out, ctx = decode_chunk(video, z[s : s + size], s, ctx)
-            assert ctx.shape == (1, *z.shape[1:])  # one latent carried, never a later one
-            parts.append(out)
+            parts.append(dec.push(z[s : s + size], s))
+            assert dec.context.shape == (1, *z.shape[1:])  # one latent carried, never a later one
+            assert torch.equal(dec.context[0], z[min(s + size, len(z)) - 1])
+        assert dec.flush() is None  # no look-ahead: nothing held back
         assert torch.equal(torch.cat(parts), whole), size
     assert not torch.equal(video.decode(z[4:], 4), whole[1 + 8 * 3 :])  # no context: differs
     assert torch.equal(video.decode(z[4:], 4, context=z[:4]), whole[1 + 8 * 3 :])

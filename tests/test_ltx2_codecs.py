@@ -40,16 +40,19 @@ def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def chunked(codec, z: torch.Tensor, block: int, context: bool = True) -> torch.Tensor:
-    """Decode the prefix latent, then `block` latents at a time behind their context (what
-    StreamingGenerator does), concatenated along time."""
-    from model.streaming import decode_chunk
+    """Decode the prefix latent, then `block` latents at a time behind their context and with
+    the codec's look-ahead (what StreamingGenerator does), concatenated along time."""
+    from model.streaming import ChunkDecoder
 
-    out, ctx = decode_chunk(codec, z[:1], 0, None)
-    parts = [out]
+    axis = 0 if z.ndim == 4 else 1
+    dec = ChunkDecoder(codec, time_axis=axis)
+    parts = [dec.push(z[:1], 0)]
     for s in range(1, len(z), block):
-        out, ctx = decode_chunk(codec, z[s : s + block], s, ctx if context else None)
-        parts.append(out)
-    return torch.cat(parts, dim=0 if z.ndim == 4 else 1)
+        if not context:
+            dec.context = None
+        parts.append(dec.push(z[s : s + block], s))
+    tail = dec.flush()
+    return torch.cat(parts + ([] if tail is None else [tail]), dim=axis)
 
 
 def test_video_codec_shapes_and_chunk_local_drift() -> None:
@@ -73,6 +76,34 @@ def test_video_codec_shapes_and_chunk_local_drift() -> None:
     ltx20 = LTX2VideoCodec(tiny.video_vae(), tiny.LATENT_HW)  # non-causal, as LTX-2.0 ships
     drift = rel(chunked(ltx20, z, 3), ltx20.decode(z))
     assert 0 < drift < 1.0  # the next second's latents are missing: reported, not zero
+
+
+def test_lookahead_trades_latency_for_exact_chunk_boundaries() -> None:
+    """Holding each chunk's last L latents back until the next chunk (ChunkDecoder) lets the
+    non-causal decoder read what follows: drift falls with L and vanishes once context and
+    look-ahead cover the decoder's reach (this tiny one: 6 latents); audio is exact at 2 (80 ms).
+    Figures for LTX-2.0's own decoder structure: docs/operations.md."""
+    from pipeline.ltx2.audio import LTX2AudioCodec
+    from pipeline.ltx2.codecs import LTX2VideoCodec
+
+    torch.manual_seed(1)
+    z = torch.randn(1 + 3 * 4, *tiny.LATENT_HW, 8)
+    vae = tiny.video_vae()
+    drift = {}
+    for ahead in (0, 3, 6):
+        codec = LTX2VideoCodec(vae, tiny.LATENT_HW, 6, lookahead_latents=ahead)
+        whole, got = codec.decode(z), chunked(codec, z, 3)
+        assert got.shape == whole.shape
+        drift[ahead] = rel(got, whole)
+    assert drift[0] > 0.3 and drift[3] < drift[0] / 5 and drift[6] < 1e-3  # 0.61, 0.045, 0.0
+    assert codec.config()["lookahead_latents"] == 6
+    assert LTX2VideoCodec.from_state(codec.config(), codec.state()).lookahead_latents == 6
+
+    torch.manual_seed(2)
+    z = torch.randn(1 + 25 * 3, 8)
+    codec = LTX2AudioCodec(tiny.audio_vae(), tiny.vocoder(), lookahead_latents=2)
+    whole, got = codec.decode(z), chunked(codec, z, 25)
+    assert got.shape == whole.shape and (got - whole).abs().max() < 1e-5
 
 
 def test_audio_codec_shapes_and_chunk_local_drift() -> None:
@@ -160,7 +191,17 @@ def test_full_bundle_loads_and_a_student_streams(imported: Path, tmp_path: Path)
         )
     )
     assert [c.frames.shape for c in chunks] == [(n, 64, 64, 3) for n in (1, 24, 24)]
-    assert [c.audio.shape for c in chunks] == [(2, 160), (2, 16000), (2, 16000)]
+    # Audio holds 2 latents (80 ms) back for the vocoder (import default): chunk 0 has none,
+    # the last one carries the tail, the clip's total is unchanged.
+    assert [c.audio.shape for c in chunks] == [(2, 0), (2, 14880), (2, 17280)]
+    lagged = Bundle.from_pretrained(tmp_path / "student")
+    lagged.video_codec.lookahead_latents = 2
+    again = list(StreamingGenerator(lagged).stream("a red ball", 2, seed=1))
+    assert [c.frames.shape[0] for c in again] == [0, 9, 40]  # 16 frames later, same total
+    assert [c.t_start for c in again[1:]] == [c.t_end for c in again[:-1]] == [0.0, 9 / 24]
+    assert torch.equal(
+        torch.cat([c.audio for c in again], 1), torch.cat([c.audio for c in chunks], 1)
+    )
     result = CliRunner().invoke(
         app,
         ["generate", "--model", str(tmp_path / "student"), "--prompt", "a red ball"]

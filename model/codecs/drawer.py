@@ -13,7 +13,7 @@ Two kinds, told apart by `spec["context"]`:
 - context 1: the drawer also reads the PREVIOUS latent (with "has a previous one" and "the previous
   one is the lone first latent" flags), never a later one, so a group's first frames can continue
   where the last group ended. Still chunk-local: a streamed chunk carries the last latent of the
-  chunk before it (`CellVideoCodec.context_latents`, model.streaming.decode_chunk), and streaming
+  chunk before it (`CellVideoCodec.context_latents`, model.streaming.ChunkDecoder), and streaming
   decode equals whole-clip decode bit for bit.
 `fit_drawer` trains either from clips; for context 1 on pairs of consecutive groups, optionally on
 noised latents (generated latents are off the encoder's manifold) and with a loss on the frame step

@@ -6,7 +6,7 @@ carries a fitted `CellDrawer` (model.codecs.drawer), drawn: the linear decode pl
 learned correction, which puts back the crisp balls the cell means blur. A drawer with context
 also reads the latent before each one: the codec then has `context_latents` = 1, and a chunk
 decoded after `start` > 0 takes the last latent of the chunk before it as `context`
-(model.streaming.decode_chunk passes it), so chunked decode equals whole-clip decode. Torch only.
+(model.streaming.ChunkDecoder passes it), so chunked decode equals whole-clip decode. Torch only.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ class LTX2AudioCodec:
         sample_rate: int = 16000,
         n_fft: int = 1024,
         context_latents: int = 25,
+        lookahead_latents: int = 0,
     ) -> None:
         from diffusers.pipelines.ltx2.vocoder import DownSample1d, UpSample1d
         from transformers.audio_utils import mel_filter_bank
@@ -49,6 +50,7 @@ class LTX2AudioCodec:
         self.vocoder = vocoder.eval().requires_grad_(False)
         self.sample_rate, self.n_fft = int(sample_rate), int(n_fft)
         self.context_latents = int(context_latents)
+        self.lookahead_latents = int(lookahead_latents)  # held back while streaming
         self.hop, self.mel_bins, self.factor = c.mel_hop_length, c.mel_bins, 4
         if c.sample_rate != sample_rate or sample_rate % (self.hop * self.factor):
             raise ValueError(
@@ -78,6 +80,7 @@ class LTX2AudioCodec:
             "sample_rate": self.sample_rate,
             "n_fft": self.n_fft,
             "context_latents": self.context_latents,
+            "lookahead_latents": self.lookahead_latents,
         }
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -98,7 +101,14 @@ class LTX2AudioCodec:
         }
         vae = build_module(AutoencoderKLLTX2Audio, config["vae"], part["vae"])
         voc = build_module(getattr(vocoders, name), config["vocoder"], part["vocoder"])
-        return cls(vae, voc, config["sample_rate"], config["n_fft"], config["context_latents"])
+        return cls(
+            vae,
+            voc,
+            config["sample_rate"],
+            config["n_fft"],
+            config["context_latents"],
+            config.get("lookahead_latents", 0),  # bundles imported before it: none
+        )
 
     def to(self, device: Any = None, dtype: Any = None) -> LTX2AudioCodec:
         self.vae.to(device=device, dtype=dtype)
@@ -152,10 +162,16 @@ class LTX2AudioCodec:
 
     @torch.no_grad()
     def decode(
-        self, latents: torch.Tensor, start: int = 0, context: torch.Tensor | None = None
+        self,
+        latents: torch.Tensor,
+        start: int = 0,
+        context: torch.Tensor | None = None,
+        ahead: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """float [n, 128] → float32 [channels, S']: S' = 160 + 640(n − 1) at start 0, else 640n.
-        `context`: the latents just before `start`, decoded ahead of the chunk, then dropped."""
+        `context`: the latents just before `start`, decoded ahead of the chunk, then dropped;
+        `ahead`: the latents just after it, decoded behind it (the vocoder reads ahead), then
+        dropped."""
         from diffusers.pipelines.ltx2.pipeline_ltx2 import LTX2Pipeline
 
         latents = torch.as_tensor(latents).float()
@@ -164,7 +180,8 @@ class LTX2AudioCodec:
                 f"audio latents must be [n, {self.latent_channels}], got {tuple(latents.shape)}"
             )
         ctx = _context(latents, start, context, self.context_latents)
-        z = torch.cat([ctx, latents])[None]  # [1, m + n, C·M]
+        after = latents[:0] if ahead is None else torch.as_tensor(ahead).float()
+        z = torch.cat([ctx, latents, after])[None]  # [1, m + n + a, C·M]
         vae = self.vae
         z = LTX2Pipeline._denormalize_audio_latents(z, vae.latents_mean, vae.latents_std)
         z = LTX2Pipeline._unpack_audio_latents(z, z.shape[1], num_mel_bins=self.latent_mel_bins)
@@ -175,5 +192,6 @@ class LTX2AudioCodec:
         wave = self._resample(
             wave[..., : frames * self.vocoder_rate * self.hop // self.sample_rate]
         )
-        keep = frames if start == 0 else self.factor * len(latents)
-        return wave[0, :, (frames - keep) * self.hop : frames * self.hop].contiguous()
+        end = frames - self.factor * len(after)  # mel frames up to the chunk's end
+        keep = end if start == 0 else self.factor * len(latents)
+        return wave[0, :, (end - keep) * self.hop : end * self.hop].contiguous()

@@ -36,6 +36,17 @@ def ltx2_cmd(
     max_len: Annotated[
         int, typer.Option(help="Prompt tokens of the Gemma text encoder (LTX-2: 1024).")
     ] = 1024,
+    video_lookahead: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Video latents (8 frames each) a stream holds back so the non-causal decoder "
+            "sees what follows: less drift at chunk boundaries, more latency (3 = one second).",
+        ),
+    ] = 0,
+    audio_lookahead: Annotated[
+        int, typer.Option(min=0, help="Audio latents (40 ms each) held back for the vocoder.")
+    ] = 2,
 ) -> None:
     """Import LTX-2.0 (diffusers format): a whole pipeline folder → a teacher bundle; a
     transformer alone → a DiT-only bundle."""
@@ -55,7 +66,14 @@ def ltx2_cmd(
             raise ValueError(
                 f"--latent-hw {latent_hw!r}: expected two integers, e.g. 16,24"
             ) from None
-        path = import_ltx2(source, out, (h, w), getattr(torch, dtype), max_len=max_len)
+        path = import_ltx2(
+            source,
+            out,
+            (h, w),
+            getattr(torch, dtype),
+            max_len=max_len,
+            lookahead=(video_lookahead, audio_lookahead),
+        )
     config = json.loads((path / "config.json").read_text())
     if config.get("format") == "omniforcing-dit":
         missing = config["source"].get("missing", MISSING)

@@ -12,9 +12,13 @@ convolutions reach several latents back and ahead, so one second decoded on its 
 match the whole clip. `decode(latents, start, context)` decodes the chunk behind `context`, the
 latents just before it (the streaming generator keeps the last `context_latents` of them), and
 drops the frames the context produced. That makes the chunk's start agree with a whole-clip
-decode up to the decoder's reach into the past; what the decoder would have read from the
-*next* second cannot be had while streaming and is the remaining drift (figures in
-docs/operations.md and tests/test_ltx2_codecs.py). Torch + diffusers only; weights never leave
+decode up to the decoder's reach into the past. What the decoder reads from the *next* latents is
+the remaining drift, traded against latency by `lookahead_latents` L: the streaming generator
+(model.streaming.ChunkDecoder) holds each chunk's last L latents back and decodes them with the
+next chunk, passed as `ahead` (decoded, their frames dropped), so video lags by L latents (8L
+frames). LTX-2.0's decoder structure reads ~8 latents each way (measured on it with random
+weights: docs/operations.md), so no affordable L makes it exact; figures in
+tests/test_ltx2_codecs.py and docs/operations.md. Torch + diffusers only; weights never leave
 the VAE module (`state()` is its state dict).
 """
 
@@ -65,7 +69,12 @@ class LTX2VideoCodec:
     """LTX-2's video VAE behind our `VideoCodec` protocol (see module docstring)."""
 
     def __init__(
-        self, vae: Any, latent_hw: tuple[int, int], context_latents: int = 3, decode_timestep=0.0
+        self,
+        vae: Any,
+        latent_hw: tuple[int, int],
+        context_latents: int = 3,
+        decode_timestep: float = 0.0,
+        lookahead_latents: int = 0,
     ) -> None:
         c = vae.config
         self.vae = vae.eval().requires_grad_(False)
@@ -74,6 +83,7 @@ class LTX2VideoCodec:
         self.temporal_factor = int(vae.temporal_compression_ratio)
         self.spatial_factor = int(vae.spatial_compression_ratio)
         self.context_latents = int(context_latents)
+        self.lookahead_latents = int(lookahead_latents)  # held back while streaming (docstring)
         self.decode_timestep = float(decode_timestep)  # read only with timestep_conditioning
 
     def config(self) -> dict[str, Any]:
@@ -82,6 +92,7 @@ class LTX2VideoCodec:
             "latent_hw": list(self.latent_hw),
             "context_latents": self.context_latents,
             "decode_timestep": self.decode_timestep,
+            "lookahead_latents": self.lookahead_latents,
         }
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -93,7 +104,11 @@ class LTX2VideoCodec:
 
         vae = build_module(AutoencoderKLLTX2Video, config["vae"], state)
         return cls(
-            vae, tuple(config["latent_hw"]), config["context_latents"], config["decode_timestep"]
+            vae,
+            tuple(config["latent_hw"]),
+            config["context_latents"],
+            config["decode_timestep"],
+            config.get("lookahead_latents", 0),  # bundles imported before it: none
         )
 
     def to(self, device: Any = None, dtype: Any = None) -> LTX2VideoCodec:
@@ -123,11 +138,16 @@ class LTX2VideoCodec:
 
     @torch.no_grad()
     def decode(
-        self, latents: torch.Tensor, start: int = 0, context: torch.Tensor | None = None
+        self,
+        latents: torch.Tensor,
+        start: int = 0,
+        context: torch.Tensor | None = None,
+        ahead: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """float [n, h, w, C] → uint8 [F', H, W, 3]: F' = 1 + 8(n − 1) at start 0, else 8n.
         `context`: the latents just before `start` (most recent last), decoded ahead of the
-        chunk and their frames dropped (module docstring)."""
+        chunk and their frames dropped; `ahead`: the latents just after the chunk, decoded
+        behind it and their frames dropped (module docstring)."""
         from diffusers.pipelines.ltx2.pipeline_ltx2 import LTX2Pipeline
         from diffusers.video_processor import VideoProcessor
 
@@ -138,7 +158,8 @@ class LTX2VideoCodec:
                 f"{tuple(latents.shape)}"
             )
         ctx = _context(latents, start, context, self.context_latents)
-        z = torch.cat([ctx, latents]).permute(3, 0, 1, 2)[None]  # [1, C, m + n, h, w]
+        after = latents[:0] if ahead is None else torch.as_tensor(ahead).to(latents)
+        z = torch.cat([ctx, latents, after]).permute(3, 0, 1, 2)[None]  # [1, C, m + n + a, h, w]
         c = self.vae.config
         z = LTX2Pipeline._denormalize_latents(
             z, self.vae.latents_mean.float(), self.vae.latents_std.float(), c.scaling_factor
@@ -149,7 +170,8 @@ class LTX2VideoCodec:
             temb = torch.tensor([self.decode_timestep], device=p.device, dtype=p.dtype)
         video = self.vae.decode(z.to(p.device, p.dtype), temb, return_dict=False)[0]
         drop = 0 if start == 0 else 1 + self.temporal_factor * (len(ctx) - 1)
+        end = video.shape[2] - self.temporal_factor * len(after)
         video = VideoProcessor(vae_scale_factor=self.spatial_factor).postprocess_video(
-            video[:, :, drop:].float(), output_type="pt"
+            video[:, :, drop:end].float(), output_type="pt"
         )  # [1, F', 3, H, W] in [0, 1]
         return (video[0] * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().contiguous()

@@ -52,10 +52,15 @@ def local_pipeline(path: str) -> Iterator[Path]:
 
 
 def load_parts(
-    root: Path, latent_hw: tuple[int, int], dtype: torch.dtype, max_len: int = 1024
+    root: Path,
+    latent_hw: tuple[int, int],
+    dtype: torch.dtype,
+    max_len: int = 1024,
+    lookahead: tuple[int, int] = (0, 2),
 ) -> tuple[Any, Any, Any]:
     """(LTX2VideoCodec, LTX2AudioCodec, LTX2TextEncoder) from a local pipeline folder, weights
-    in `dtype`. `max_len`: prompt tokens (LTX-2's pipeline pads every prompt to 1024)."""
+    in `dtype`. `max_len`: prompt tokens (LTX-2's pipeline pads every prompt to 1024).
+    `lookahead`: (video, audio) latents the codecs hold back while streaming."""
     import transformers
     from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video
     from diffusers.pipelines.ltx2 import vocoder as vocoders
@@ -75,7 +80,8 @@ def load_parts(
     text = LTX2TextEncoder(
         language_model(gemma), connectors, pack_files(root / "tokenizer"), max_len
     )
-    return LTX2VideoCodec(vae, latent_hw), LTX2AudioCodec(audio_vae, voc), text
+    video = LTX2VideoCodec(vae, latent_hw, lookahead_latents=lookahead[0])
+    return video, LTX2AudioCodec(audio_vae, voc, lookahead_latents=lookahead[1]), text
 
 
 def _class_name(folder: Path, key: str, allowed: tuple[str, ...] | None) -> str:

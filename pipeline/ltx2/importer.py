@@ -186,12 +186,15 @@ def import_ltx2(
     dtype: torch.dtype = torch.bfloat16,
     name: str = "ltx2",
     max_len: int = 1024,
+    lookahead: tuple[int, int] = (0, 2),
 ) -> Path:
     """Import a diffusers LTX-2 folder. A pipeline folder with every part (pipeline.ltx2.components
     .PARTS) becomes a full teacher bundle (model.bundle format: DiT, LTX-2's codecs and text
     encoder); a transformer alone, or a folder missing parts, a DiT-only bundle whose record says
     what it lacks (MISSING). Weights in `dtype`; the source's path, config and files' sha256s are
-    recorded either way. `max_len`: prompt tokens of the text encoder (LTX-2: 1024)."""
+    recorded either way. `max_len`: prompt tokens of the text encoder (LTX-2: 1024).
+    `lookahead`: (video, audio) latents each codec's streaming decode holds back for the
+    decoder's look-ahead (pipeline.ltx2.codecs; audio 2 = 80 ms makes chunked audio exact)."""
     from pipeline.ltx2.components import load_parts, local_pipeline, missing_parts
 
     source = open_source(path)
@@ -218,7 +221,7 @@ def import_ltx2(
         record["missing"] = f"{MISSING} (the source has no {', '.join(lacks)})"
         return write_dit_bundle(out, cfg, entries, stream, record)
     with local_pipeline(path) as root:
-        parts = load_parts(root, latent_hw, dtype, max_len)
+        parts = load_parts(root, latent_hw, dtype, max_len, lookahead)
     record["parts"] = (
         "vae, audio_vae, vocoder, text_encoder (Gemma 3 language model), tokenizer, connectors"
     )
