@@ -11,6 +11,7 @@ never written into it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -254,22 +255,48 @@ def gather_full(
 
     `pieces` (e.g. EMA shards) replaces the live parameter pieces; below ZeRO-3 a piece is the
     whole tensor. Under ZeRO-3 a piece is a flat partition [ceil(numel/world)] that is
-    all-gathered, concatenated, cut to numel and reshaped to `ds_shape`.
+    all-gathered, concatenated, cut to numel and reshaped to `ds_shape`. Holds the whole model:
+    for a large one, stream it with `gathered_entries` + `iter_gathered` instead.
     """
-    out: dict[str, torch.Tensor] = {}
+    return dict(iter_gathered(net, pieces))
+
+
+def gathered_entries(net: nn.Module, names: set[str] | None = None) -> list[tuple[str, Any, Any]]:
+    """(name, float32, full shape) of what `iter_gathered(net, …, names)` yields, in order."""
+    out = [
+        (n, torch.float32, tuple(getattr(p, "ds_shape", p.shape)))
+        for n, p in net.named_parameters()
+        if names is None or n in names
+    ]
+    out += [
+        (n, torch.float32, tuple(b.shape))
+        for n, b in net.named_buffers()
+        if names is None or n in names
+    ]
+    return out
+
+
+def iter_gathered(
+    net: nn.Module, pieces: dict[str, torch.Tensor] | None = None, names: set[str] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`gather_full` one tensor at a time (collective: every rank must exhaust it in step), so a
+    writer holds one full fp32 tensor, never the model (19 B: 76 GB). `names`: only these
+    (e.g. the keys of a state dict: non-persistent buffers are not saved)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     for name, p in net.named_parameters():
         local = _local(p)  # an offloaded EMA piece is gathered from the parameter's device
         piece = (pieces or {}).get(name, local).detach().to(local.device).float()
-        if not hasattr(p, "ds_tensor"):
-            out[name] = piece.clone().cpu()
-            continue
-        parts = [torch.empty_like(piece) for _ in range(world)]
-        dist.all_gather(parts, piece.contiguous())
-        out[name] = torch.cat(parts)[: p.ds_numel].reshape(p.ds_shape).cpu()
+        if hasattr(p, "ds_tensor"):
+            parts = [torch.empty_like(piece) for _ in range(world)]
+            dist.all_gather(parts, piece.contiguous())  # every rank, listed or not
+            full = torch.cat(parts)[: p.ds_numel].reshape(p.ds_shape).cpu()
+        else:
+            full = piece.clone().cpu()
+        if names is None or name in names:
+            yield name, full
     for name, b in net.named_buffers():
-        out[name] = b.detach().float().cpu()
-    return out
+        if names is None or name in names:
+            yield name, b.detach().float().cpu()
 
 
 def save_engine(engine: Any, d: Path, name: str) -> None:

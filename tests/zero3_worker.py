@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -19,6 +20,7 @@ torch.set_num_threads(1)
 
 import deepspeed  # noqa: E402
 
+from model.bundle import Bundle  # noqa: E402
 from pipeline.parallelize import gather_full  # noqa: E402
 from pipeline.stages import WorkerContext  # noqa: E402
 from pipeline.stages.self_forcing import SelfForcingStage  # noqa: E402
@@ -59,6 +61,16 @@ report["moments"] = nbytes(  # Adam's exp_avg and exp_avg_sq, allocated at the f
 )
 after = gather_full(student)
 report["moved"] = float(max((after[k] - full[k]).abs().max() for k in full))
+# The export streams one gathered tensor at a time into rank 0's Bundle: the EMA weights, whole.
+ema_full = gather_full(student, stage.emas()["student"].state())
+stage.export(Path(out + ".bundle") if int(rank) == 0 else None, ctx)
+if int(rank) == 0:
+    exported = Bundle.from_pretrained(out + ".bundle").model.state_dict()
+    params = {n for n, _ in student.named_parameters()}
+    report["export_is_ema"] = params <= set(exported) <= set(full) and all(
+        torch.equal(exported[k].float(), ema_full[k]) for k in exported
+    )
+    report["ema_differs"] = any(not torch.equal(ema_full[k], after[k]) for k in exported)
 if int(rank) == 0:
     with open(out, "w") as f:
         json.dump(report, f)

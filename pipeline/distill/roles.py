@@ -182,16 +182,22 @@ def batch_latents(
 def export_student(
     module: AVDiT, ema_state: dict[str, torch.Tensor] | None, teacher: Bundle, out_dir, stage: str
 ) -> None:
-    """Collective gather of the student (EMA if given); rank 0 (`out_dir` set) writes a Bundle."""
-    from model.bundle import load_state_strict
-    from pipeline.parallelize import gather_full
+    """Collective: every rank gathers the student (EMA if given) one tensor at a time, and rank 0
+    (`out_dir` set) streams each into the Bundle's model.safetensors as it arrives, so no rank
+    holds the whole student (at 19 B a full fp32 copy is 76 GB of host memory)."""
+    from model.dit_bundle import write_streamed_bundle
+    from pipeline.parallelize import gathered_entries, iter_gathered
 
-    full = gather_full(module, ema_state)
+    with torch.device("meta"):  # the names a bundle stores (no non-persistent buffers)
+        names = set(AVDiT(module.cfg).state_dict())
+    stream = iter_gathered(module, ema_state, names)
     if out_dir is None:
+        for _ in stream:  # join every gather rank 0 makes
+            pass
         return
-    net = AVDiT(module.cfg)
-    load_state_strict(net, full, f"{stage} export")
-    student_bundle(net, teacher).save_pretrained(out_dir, extra={"stage": stage})
+    parts = (teacher.video_codec, teacher.audio_codec, teacher.text_encoder)
+    entries = gathered_entries(module, names)
+    write_streamed_bundle(out_dir, module.cfg, entries, stream, parts, {"stage": stage})
 
 
 @torch.no_grad()

@@ -30,12 +30,21 @@ def is_partitioned(net: torch.nn.Module) -> bool:
 
 
 def zero_init(cfg: JobConfig, dtype: torch.dtype) -> Any:
-    """The `deepspeed.zero.Init` context for networks of this job (its ZeRO-3 config)."""
+    """The `deepspeed.zero.Init` context for networks of this job (its ZeRO-3 config), whose
+    parameters come out in `dtype`, the job's compute dtype.
+
+    The dtype is left to the config, never passed: DeepSpeed 0.19's `Init._set_dtype` reads an
+    explicit dtype as `dtype or fp16 if fp16_supported() else bf16 ...` (precedence), so on a
+    CPU whose accelerator reports no fp16 every explicit dtype, float32 included, became bf16."""
     import deepspeed
 
     from pipeline.parallelize import ds_config
 
-    return deepspeed.zero.Init(config_dict_or_path=ds_config(cfg), dtype=dtype)
+    config = ds_config(cfg)
+    chosen = torch.bfloat16 if config["bf16"]["enabled"] else torch.float32
+    if chosen != dtype:
+        raise ValueError(f"zero_init: the job's DeepSpeed config builds {chosen}, not {dtype}")
+    return deepspeed.zero.Init(config_dict_or_path=config)
 
 
 def build_role(
