@@ -23,6 +23,7 @@ Deliberately not here: mp4 decoding (data/mp4.py), the skip policy (data/reader.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any
@@ -201,13 +202,24 @@ bundle's learned codecs (`pipeline.distill.data_codecs`): this package stays fre
 class CodecEncoder:
     """Stateful map_batches UDF: loads the codecs once per actor, encodes a batch of clips."""
 
-    def __init__(self, codecs: CodecSource) -> None:
+    def __init__(self, codecs: CodecSource, gpu: bool = False) -> None:
+        """`gpu`: encode on this actor's CUDA device (Ray set CUDA_VISIBLE_DEVICES for its
+        num_gpus) in bf16; latents come back float32 either way."""
         import torch
 
         from model.codecs import load_codecs
 
         torch.set_num_threads(1)  # fractional-CPU actors must not fan out over every core
         self.video, self.audio = load_codecs(codecs) if isinstance(codecs, str) else codecs()
+        if gpu:
+            if not torch.cuda.is_available():
+                raise RuntimeError(
+                    "data.codec_gpus > 0 but this codec actor sees no CUDA device "
+                    f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+                )
+            for codec in (self.video, self.audio):
+                if hasattr(codec, "to"):  # learned VAEs; our cell codecs are a few matmuls
+                    codec.to("cuda", torch.bfloat16)
 
     def _check(self, latents: Any, frames: Any) -> None:
         """A clip whose frame size is not the codec's (latent grid × its spatial factor) would
@@ -247,6 +259,7 @@ def latent_dataset(
     actors: int = 1,
     actor_cpus: float = 0.5,
     decode_cpus: float = 0.5,
+    actor_gpus: float = 0.0,
     spec: DecodeSpec | None = None,
     counter: RayBadSampleCounter | None = None,
     wait_for_min_actors_s: float = 60.0,
@@ -254,18 +267,23 @@ def latent_dataset(
     """decode -> codec encode: rows {key, caption, video [Fv,h,w,C], audio [Fa,C]} float32.
 
     Streaming: blocks flow through decode tasks and a fixed pool of `actors` codec actors with
-    `actor_cpus` CPUs each (fractional, so it runs on 2 cores beside other work). `codecs`: a
-    fitted-codec folder or a loader (`CodecSource`), called once in each actor.
+    `actor_cpus` CPUs each (fractional, so it runs on 2 cores beside other work) and
+    `actor_gpus` GPUs each (> 0: the actors encode on CUDA in bf16). `codecs`: a fitted-codec
+    folder or a loader (`CodecSource`), called once in each actor.
     """
-    if batch_size < 1 or actors < 1:
-        raise ValueError(f"batch_size and actors must be >= 1, got {batch_size}, {actors}")
+    if batch_size < 1 or actors < 1 or actor_gpus < 0:
+        raise ValueError(
+            f"batch_size and actors must be >= 1 and actor_gpus >= 0, got {batch_size}, "
+            f"{actors}, {actor_gpus}"
+        )
     configure_context(wait_for_min_actors_s)
     samples = build_dataset(path, spec=spec, counter=counter, decode_cpus=decode_cpus)
     return samples.map_batches(
         CodecEncoder,
-        fn_constructor_args=(codecs,),
+        fn_constructor_args=(codecs, actor_gpus > 0),
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=actor_cpus,
+        num_gpus=actor_gpus,
     )

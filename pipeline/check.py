@@ -171,18 +171,22 @@ def cluster_resources(address: str | None) -> tuple[dict[str, float], str]:
 
 
 def check_resources(cfg: JobConfig, address: str | None = None) -> list[Line]:
-    """CPUs and GPUs asked for (num_workers x per-worker, plus the teacher actors) against
-    what the cluster has."""
+    """CPUs and GPUs asked for (num_workers x per-worker, plus the teacher actors and the
+    codec actors, which stream beside the trainers) against what the cluster has."""
     res, source = cluster_resources(address)
     if not res:
         return [Line("ray", False, source)]
-    sc, d = cfg.scaling, cfg.distill
+    sc, d, data = cfg.scaling, cfg.distill, cfg.data
     actor_cpu, actor_gpu = d.actor_resources()  # teacher actors run beside the trainers
-    need_cpu = sc.num_workers * sc.cpus_per_worker + actor_cpu
+    codecs = data.codec_actors if data.source == "shards" else 0
+    need_cpu = sc.num_workers * sc.cpus_per_worker + actor_cpu + codecs * data.codec_cpus
     need_gpu = (sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0.0) + actor_gpu
+    need_gpu += codecs * data.codec_gpus
     cpu_sum = f"{sc.num_workers} x {sc.cpus_per_worker:g}"
     if actor_cpu:
         cpu_sum += f" + {d.actors} x {d.actor_cpus:g} (distill.actors x actor_cpus)"
+    if codecs:
+        cpu_sum += f" + {codecs} x {data.codec_cpus:g} (data.codec_actors x codec_cpus)"
     mem_gib = res["memory"] / 2**30
     lines = [
         Line(
@@ -195,7 +199,8 @@ def check_resources(cfg: JobConfig, address: str | None = None) -> list[Line]:
             "gpus",
             need_gpu <= res["GPU"],
             f"need {need_gpu:g} (scaling.use_gpu={sc.use_gpu}, distill.actor_gpus="
-            f"{d.actor_gpus:g}), have {res['GPU']:g} ({source})",
+            f"{d.actor_gpus:g}, data.codec_gpus={data.codec_gpus:g}), have {res['GPU']:g} "
+            f"({source})",
         ),
     ]
     return lines

@@ -63,6 +63,7 @@ def ensure_ray(cfg: JobConfig) -> None:
 
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2
     need += cfg.distill.actor_resources()[0]  # teacher actors (ode pool or real-score pool)
+    need += cfg.data.codec_actors * cfg.data.codec_cpus if cfg.data.source == "shards" else 0
     cpus = max(4, int(need + 0.999), os.cpu_count() or 1)
     ray.init(
         address="local",
@@ -108,10 +109,14 @@ def build_dataset(cfg: JobConfig, stage: str | None = None) -> Any:
         from pipeline.distill.data_codecs import codec_source
 
         # S3 endpoint and keys come from the environment (AWS_ENDPOINT_URL, AWS_*), see data/.
+        d = cfg.data
         ds = latent_dataset(
-            cfg.data.path,
+            d.path,
             codec_source(cfg, stage),
-            wait_for_min_actors_s=cfg.data.actor_start_timeout_s,
+            actors=d.codec_actors,
+            actor_cpus=d.codec_cpus,
+            actor_gpus=d.codec_gpus,
+            wait_for_min_actors_s=d.actor_start_timeout_s,
         )
         if cfg.data.clips:
             ds = ds.limit(cfg.data.clips)

@@ -128,6 +128,19 @@ def test_teacher_actor_gpus_count_towards_the_gpus(tmp_path) -> None:
     assert "need 0 " in local.detail
 
 
+def test_codec_actors_count_towards_cpus_and_gpus() -> None:
+    # The codec pool (data.codec_*) streams shards beside the trainers; random rows need none.
+    from pipeline.check import check_resources
+    from pipeline.config import load_config
+
+    sets = ["data.codec_actors=4", "data.codec_cpus=1", "data.codec_gpus=0.25"]
+    lines = _by_name(check_resources(load_config(None, sets)))
+    assert "need 1 x 1 + 4 x 1 (data.codec_actors x codec_cpus) = 5," in lines["cpus"].detail
+    assert "need 1 " in lines["gpus"].detail and "data.codec_gpus=0.25" in lines["gpus"].detail
+    random = _by_name(check_resources(load_config(None, [*sets, "data.source=random"])))
+    assert "need 0 " in random["gpus"].detail and "codec" not in random["cpus"].detail
+
+
 @pytest.mark.parametrize("mode", ["distill.teacher_mode=actors", "distill.real_score=actors"])
 def test_teacher_actor_cpus_count_towards_the_cpus(mode: str) -> None:
     # Either actor pool (ode scorer or self-forcing real score) takes actors x actor_cpus.
@@ -138,9 +151,10 @@ def test_teacher_actor_cpus_count_towards_the_cpus(mode: str) -> None:
     cfg = load_config(None, [mode, *sets])
     assert cfg.distill.actor_resources() == (4.5, 0.0)
     cpus = _by_name(check_resources(cfg))["cpus"]
-    assert "need 1 x 0.5 + 3 x 1.5 (distill.actors x actor_cpus) = 5," in cpus.detail
+    assert "need 1 x 0.5 + 3 x 1.5 (distill.actors x actor_cpus) + 1 x 0.5 " in cpus.detail
+    assert "= 5.5," in cpus.detail
     local = _by_name(check_resources(load_config(None, sets)))["cpus"]  # no actor mode
-    assert "need 1 x 0.5 = 0.5," in local.detail
+    assert "need 1 x 0.5 + 1 x 0.5 (data.codec_actors x codec_cpus) = 1," in local.detail
 
 
 def test_local_ray_instance_reserves_what_the_check_counts(monkeypatch) -> None:
@@ -160,4 +174,6 @@ def test_local_ray_instance_reserves_what_the_check_counts(monkeypatch) -> None:
     for mode, want in (("teacher_mode", 15), ("real_score", 15), (None, 4)):
         cfg = load_config(None, sets + ([f"distill.{mode}=actors"] if mode else []))
         ensure_ray(cfg)
-        assert seen["num_cpus"] == want, mode  # ceil(0.5 + 2 + 8 x 1.5) = 15; floor of 4
+        assert seen["num_cpus"] == want, (
+            mode
+        )  # 0.5 + 2 + 8 x 1.5 + 0.5 (codec actor) = 15; floor of 4

@@ -82,3 +82,18 @@ def test_unschedulable_actor_pool_fails_instead_of_hanging(ray_local, s3_synth, 
     with pytest.raises(ray.exceptions.GetTimeoutError, match="Timed out while starting actors"):
         ds.take(1)
     assert time.monotonic() - start < 120
+
+
+def test_gpu_codec_actor_without_a_device_says_so(s3_synth, tmp_path):
+    # data.codec_gpus > 0 moves learned codecs to the actor's CUDA device; with none visible the
+    # actor fails at start with the config key, not deep inside a VAE.
+    from data.ray_data import CodecEncoder
+    from model.codecs import fit_codecs, save_codecs
+
+    save_codecs(tmp_path, *fit_codecs((s.frames, s.audio) for s in iter_samples(s3_synth)))
+    if torch.cuda.is_available():
+        enc = CodecEncoder(str(tmp_path), gpu=True)
+        assert enc.video is not None and enc.audio is not None
+        return
+    with pytest.raises(RuntimeError, match=r"data.codec_gpus > 0 .* no CUDA device"):
+        CodecEncoder(str(tmp_path), gpu=True)
