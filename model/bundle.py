@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,6 +178,9 @@ class Bundle:
     text_encoder: Any  # model.text.TextEncoder: WordTextEncoder, or a registered class
     guide: Guide | None = None  # autoguidance for the teacher's samplers (model.guidance)
     stagger: float = 0.0  # the teacher sampler's Δ (flow.staggered_sigmas); 0: joint schedule
+    # A causal student's few-step σ list (distill.student_sigmas it was distilled for); None:
+    # flow.DEFAULT_STUDENT_SIGMAS. StreamingGenerator samples with it.
+    sigmas: tuple[float, ...] | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -209,8 +212,7 @@ class Bundle:
             config = bundle_config(
                 self.model.cfg, self.text_encoder, self.video_codec, self.audio_codec, extra
             )
-            if self.stagger:
-                config["sampler"] = {"stagger": float(self.stagger)}
+            config |= sampler_config(self.stagger, self.sigmas)
             files = FILES
             if self.guide is not None:
                 g = self.guide
@@ -257,7 +259,15 @@ class Bundle:
                 float(g["weight"]),
             )
             guide.model.requires_grad_(False)
-        bundle = cls(model.eval(), codecs[0], codecs[1], text.eval(), guide, _stagger(config, d))
+        bundle = cls(
+            model.eval(),
+            codecs[0],
+            codecs[1],
+            text.eval(),
+            guide,
+            _stagger(config, d),
+            _sigmas(config, d),
+        )
         return bundle.to(device) if device is not None else bundle
 
 
@@ -347,6 +357,36 @@ def _unreadable(path: Path, err: BaseException) -> BundleError:
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
+
+
+def sampler_config(stagger: float, sigmas: Sequence[float] | None) -> dict[str, Any]:
+    """The config.json "sampler" entry ({} when both are defaults)."""
+    entry: dict[str, Any] = {}
+    if stagger:
+        entry["stagger"] = float(stagger)
+    if sigmas is not None:
+        entry["sigmas"] = [float(x) for x in sigmas]
+    return {"sampler": entry} if entry else {}
+
+
+def _sigmas(config: dict[str, Any], directory: Path) -> tuple[float, ...] | None:
+    """The "sampler" entry's student σ list (None without one): decreasing numbers in (0, 1]."""
+    value = config.get("sampler", {}).get("sigmas")
+    if value is None:
+        return None
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1 for x in value
+        )
+    )
+    if not ok or any(a <= b for a, b in zip(value, value[1:], strict=False)):
+        raise BundleError(
+            f"{directory}/config.json: sampler.sigmas must be decreasing numbers in (0, 1], "
+            f"got {value!r}"
+        )
+    return tuple(float(x) for x in value)
 
 
 def _stagger(config: dict[str, Any], directory: Path) -> float:

@@ -93,11 +93,13 @@ def write_streamed_bundle(
     tensors: Iterable[tuple[str, torch.Tensor]],
     parts: tuple[Any, Any, Any],
     extra: dict[str, Any],
+    sampler: dict[str, Any] | None = None,
 ) -> Path:
     """Write a full `model.bundle.Bundle` (the format `Bundle.save_pretrained` writes) whose DiT
     weights are streamed as in `write_dit_bundle`; `parts` = (video codec, audio codec, text
-    encoder), saved as `save_pretrained` saves them. For an imported teacher too large to hold
-    twice in host memory (LTX-2: 38 GB of DiT in bf16)."""
+    encoder), saved as `save_pretrained` saves them; `sampler`: its "sampler" entry
+    (`model.bundle.sampler_config`). For an imported teacher, or an exported student, too large
+    to hold twice in host memory (LTX-2: 38 GB of DiT in bf16)."""
     from safetensors.torch import save_file
 
     video, audio, text = parts
@@ -108,7 +110,7 @@ def write_streamed_bundle(
         _stream_safetensors(tmp / "model.safetensors", entries, tensors)
         save_file(_contiguous(text.state_dict()), tmp / "text.safetensors")
         save_file(_contiguous(codec_tensors(video, audio)), tmp / "codecs.safetensors")
-        config = bundle_config(cfg, text, video, audio, extra)
+        config = bundle_config(cfg, text, video, audio, extra) | (sampler or {})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         manifest = {name: sha256_file(tmp / name) for name in FILES}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))

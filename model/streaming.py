@@ -160,7 +160,9 @@ class StreamingGenerator:
         self.model: AVDiT = bundle.model
         if not self.model.cfg.causal:
             raise ValueError("StreamingGenerator needs a causal student (model.causal = true)")
-        self.sigmas = tuple(sigmas or flow.DEFAULT_STUDENT_SIGMAS)
+        # The σ list it was distilled for (its bundle's sampler entry) unless told otherwise.
+        own = getattr(bundle, "sigmas", None)
+        self.sigmas = tuple(sigmas or own or flow.DEFAULT_STUDENT_SIGMAS)
         if isinstance(window_s, int) or window_s is None:
             window_s = (window_s, window_s)
         self.windows = window_s

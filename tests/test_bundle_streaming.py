@@ -32,6 +32,28 @@ def test_save_load_round_trip_is_identical(tmp_path):
     assert all(torch.equal(p.frames, q.frames) for p, q in zip(chunks_b, chunks_c, strict=True))
 
 
+def test_a_student_streams_with_the_sigmas_it_was_distilled_for(tmp_path):
+    # distill.student_sigmas travel in the bundle's "sampler" entry; serving samples with them.
+    b = tiny_bundle(seed=1)
+    b.sigmas = (1.0, 0.8, 0.5, 0.25)
+    b.save_pretrained(tmp_path / "b")
+    c = Bundle.from_pretrained(tmp_path / "b")
+    assert c.sigmas == (1.0, 0.8, 0.5, 0.25) and StreamingGenerator(c).sigmas == c.sigmas
+    assert StreamingGenerator(c, sigmas=(1.0, 0.5)).sigmas == (1.0, 0.5)  # an explicit list wins
+    own = list(StreamingGenerator(c).stream("a red ball", 1, seed=4))
+    dflt = list(
+        StreamingGenerator(c, sigmas=flow.DEFAULT_STUDENT_SIGMAS).stream("a red ball", 1, seed=4)
+    )
+    assert not torch.equal(own[1].frames, dflt[1].frames)
+    assert tiny_bundle(seed=1).sigmas is None  # none recorded: the default list
+    cfg_path = tmp_path / "b" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["sampler"]["sigmas"] = [0.5, 0.9]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match=r"sampler.sigmas must be decreasing"):
+        Bundle.from_pretrained(tmp_path / "b", verify=False)
+
+
 def test_modified_weights_fail_the_checksum(tmp_path):
     tiny_bundle().save_pretrained(tmp_path / "b")
     path = tmp_path / "b" / "model.safetensors"

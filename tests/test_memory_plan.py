@@ -113,6 +113,7 @@ def test_zero3_engine_bytes_match_the_plan(tmp_path: Path, tiny_teacher_dir: Pat
     rep = json.loads(out.read_text())
     assert rep["ckpt"] and rep["equal_teacher"] and rep["moved"] > 0
     assert rep["export_is_ema"] and rep["ema_differs"]  # streamed ZeRO-3 export, tensor by tensor
+    assert rep["export_sigmas"] == [1.0, 0.7507, 0.5448]  # distill.student_sigmas, recorded
     assert all(v == v for v in rep["losses"].values())
     from tests.fixtures.distill import distill_config
 

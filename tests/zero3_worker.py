@@ -65,7 +65,9 @@ report["moved"] = float(max((after[k] - full[k]).abs().max() for k in full))
 ema_full = gather_full(student, stage.emas()["student"].state())
 stage.export(Path(out + ".bundle") if int(rank) == 0 else None, ctx)
 if int(rank) == 0:
-    exported = Bundle.from_pretrained(out + ".bundle").model.state_dict()
+    loaded = Bundle.from_pretrained(out + ".bundle")
+    report["export_sigmas"] = list(loaded.sigmas or ())
+    exported = loaded.model.state_dict()
     params = {n for n, _ in student.named_parameters()}
     report["export_is_ema"] = params <= set(exported) <= set(full) and all(
         torch.equal(exported[k].float(), ema_full[k]) for k in exported

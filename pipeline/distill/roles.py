@@ -11,6 +11,7 @@ sink parameter is the only key it lacks), the critic is bidirectional, the teach
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -156,9 +157,14 @@ def stream_of(name: str) -> str:
     return "shared"
 
 
-def student_bundle(student: AVDiT, teacher: Bundle) -> Bundle:
-    """The exportable student: its DiT with the teacher's codecs and (frozen) text encoder."""
-    return Bundle(student.eval(), teacher.video_codec, teacher.audio_codec, teacher.text_encoder)
+def student_bundle(
+    student: AVDiT, teacher: Bundle, sigmas: Sequence[float] | None = None
+) -> Bundle:
+    """The exportable student: its DiT with the teacher's codecs and (frozen) text encoder, and
+    the few-step σ list it is distilled for (`distill.student_sigmas`)."""
+    b = Bundle(student.eval(), teacher.video_codec, teacher.audio_codec, teacher.text_encoder)
+    b.sigmas = None if sigmas is None else tuple(float(x) for x in sigmas)
+    return b
 
 
 def batch_latents(
@@ -180,11 +186,18 @@ def batch_latents(
 
 
 def export_student(
-    module: AVDiT, ema_state: dict[str, torch.Tensor] | None, teacher: Bundle, out_dir, stage: str
+    module: AVDiT,
+    ema_state: dict[str, torch.Tensor] | None,
+    teacher: Bundle,
+    out_dir,
+    stage: str,
+    sigmas: Sequence[float] | None = None,
 ) -> None:
     """Collective: every rank gathers the student (EMA if given) one tensor at a time, and rank 0
     (`out_dir` set) streams each into the Bundle's model.safetensors as it arrives, so no rank
-    holds the whole student (at 19 B a full fp32 copy is 76 GB of host memory)."""
+    holds the whole student (at 19 B a full fp32 copy is 76 GB of host memory). `sigmas`: the
+    few-step σ list it was distilled for, recorded so serving samples with it."""
+    from model.bundle import sampler_config
     from model.dit_bundle import write_streamed_bundle
     from pipeline.parallelize import gathered_entries, iter_gathered
 
@@ -197,7 +210,9 @@ def export_student(
         return
     parts = (teacher.video_codec, teacher.audio_codec, teacher.text_encoder)
     entries = gathered_entries(module, names)
-    write_streamed_bundle(out_dir, module.cfg, entries, stream, parts, {"stage": stage})
+    sampler = sampler_config(0.0, sigmas)
+    extra = {"stage": stage}
+    write_streamed_bundle(out_dir, module.cfg, entries, stream, parts, extra, sampler)
 
 
 @torch.no_grad()

@@ -258,7 +258,12 @@ class SelfForcingStage:
         """The causal student (EMA weights if enabled) as a Bundle `promote` can register."""
         ema = self._emas.get("student")
         roles.export_student(
-            self.engine.module, ema.state() if ema else None, self.teacher, out_dir, self.name
+            self.engine.module,
+            ema.state() if ema else None,
+            self.teacher,
+            out_dir,
+            self.name,
+            ctx.cfg.distill.student_sigmas,
         )
 
 
