@@ -212,9 +212,6 @@ class DistillSection(_Strict):
     ode_cfg_video: float = Field(default=3.0, ge=0.0)  # trajectory CFG, video (V1 stage 1 / V2)
     ode_cfg_audio: float = Field(default=5.0, ge=0.0)  # trajectory CFG, audio
     teacher_steps: int = Field(default=40, ge=1)  # Euler steps of the teacher's trajectories
-    # ode (teacher_mode local): distinct noises per clip. A clip's k-th draw uses trajectory
-    # k mod ode_noises, so 64 clips give 64 x ode_noises noise -> x0 pairs (1: one per clip).
-    ode_noises: int = Field(default=1, ge=1)
     teacher_mode: Literal["local", "actors"] = "local"  # ode: actors = Ray pool scores batches
     # self-forcing DMD real score: `local` = each trainer holds the frozen teacher; `actors` =
     # trainers send x_t to a pool of `actors` named teacher actors and get the CFG x0 back.
@@ -236,16 +233,6 @@ class DistillSection(_Strict):
     loss_scope: Literal["every_block", "last_block"] = "last_block"  # V1: last block only
     prefix: Literal["generated", "clean_from_teacher"] = "clean_from_teacher"  # block 0 source
     grad_norm_every: int = Field(default=1, ge=0)  # per-modality grad norms; 0 disables
-
-    @model_validator(mode="after")
-    def _check_ode_noises(self) -> DistillSection:
-        # The actor pool scores each row once (one noise per clip, cached as trajectory shards).
-        if self.ode_noises > 1 and self.teacher_mode == "actors":
-            raise ValueError(
-                "distill.ode_noises > 1 needs distill.teacher_mode=local (the actor pool "
-                "scores one noise per clip)"
-            )
-        return self
 
     def actor_resources(self) -> tuple[float, float]:
         """(CPUs, GPUs) the teacher actors take beside the trainers: `actors` x (`actor_cpus`,

@@ -102,31 +102,6 @@ def test_ode_loss_decreases_on_fixed_trajectories(tiny_teacher_dir: Path, distil
     assert losses().item() < 0.7 * first
 
 
-def test_several_noises_per_clip(tiny_teacher_dir: Path, distill_ctx) -> None:
-    # distill.ode_noises: each row draws one of its clip's N noises from the step's generator
-    # (the same draw on a resumed run); each (clip, noise) trajectory is memoised once.
-    from pipeline.config import ConfigError, load_config
-
-    cfg = distill_config(tiny_teacher_dir, distill={"ode_noises": 3})
-    ctx = distill_ctx(cfg)
-    stage, student = _stage(cfg, ctx)
-    batch = make_batch(cfg)
-    for seed in range(6):
-        stage.losses(student, batch, torch.Generator().manual_seed(seed), ctx)
-    keys = sorted(stage._traj)
-    assert 2 < len(keys) <= 6 and all(k.split("#")[0] in set(batch["key"]) for k in keys)
-    same = [
-        stage._noise_keys(list(batch["key"]), 3, torch.Generator().manual_seed(7)) for _ in "ab"
-    ]
-    assert same[0] == same[1]
-    clip = str(batch["key"][0])
-    first = [k for k in keys if k.split("#")[0] == clip]
-    assert len(first) > 1  # six draws of 2 clips from 3 noises each (seeds 0-5: checked)
-    assert not torch.equal(stage._traj[first[0]][0], stage._traj[first[1]][0])  # other noise
-    with pytest.raises((ConfigError, ValueError), match="ode_noises > 1 needs"):
-        load_config(None, ["distill.ode_noises=2", "distill.teacher_mode=actors"])
-
-
 def test_trajectory_columns_are_used_and_mode_checked(tiny_teacher_dir: Path, distill_ctx) -> None:
     cfg = distill_config(tiny_teacher_dir, distill={"teacher_mode": "actors"})
     ctx = distill_ctx(cfg)

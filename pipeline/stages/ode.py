@@ -85,9 +85,8 @@ class OdeStage:
     def emas(self) -> dict[str, Any]:
         return self._emas
 
-    def trajectories(self, batch: Batch, ctx: WorkerContext, g: torch.Generator | None = None):
-        """(traj_v, traj_a, σ [K+1]) from the rows, or from the local teacher (memoised per clip
-        and noise; `g` picks each row's noise when `distill.ode_noises` > 1)."""
+    def trajectories(self, batch: Batch, ctx: WorkerContext):
+        """(traj_v, traj_a, σ [K+1]) from the rows, or from the local teacher (memoised)."""
         if "traj_video" in batch:
             tv = torch.as_tensor(np.ascontiguousarray(batch["traj_video"]), dtype=torch.float32)
             ta = torch.as_tensor(np.ascontiguousarray(batch["traj_audio"]), dtype=torch.float32)
@@ -99,12 +98,7 @@ class OdeStage:
                 "distill.teacher_mode=actors but the batch has no traj_video/traj_audio "
                 "columns: the dataset was not scored by the teacher actor pool"
             )
-        video, audio, captions, clip_keys = roles.batch_latents(batch, ctx.device, ctx.dtype)
-        keys = clip_keys
-        if d.ode_noises > 1:
-            if g is None:
-                raise ValueError("distill.ode_noises > 1 needs the step's generator")
-            keys = self._noise_keys(clip_keys, d.ode_noises, g)
+        video, audio, captions, keys = roles.batch_latents(batch, ctx.device, ctx.dtype)
         todo = [i for i, k in enumerate(keys) if k not in self._traj]
         if todo:
             tv, ta, sig = teacher_trajectory(
@@ -124,22 +118,12 @@ class OdeStage:
         rows = [self._traj[k] for k in keys]
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), rows[0][2]
 
-    @staticmethod
-    def _noise_keys(keys: list[str], noises: int, g: torch.Generator) -> list[str]:
-        """The memo key of each row's trajectory: the clip itself (its first noise, as with one
-        noise per clip) or `key#k` for its k-th of `noises` noises, drawn from this step's
-        generator (so a resumed run draws the same; none is drawn when `noises` is 1)."""
-        if noises == 1:
-            return keys
-        ks = torch.randint(0, noises, (len(keys),), generator=g).tolist()
-        return [key if k == 0 else f"{key}#{k}" for key, k in zip(keys, ks, strict=True)]
-
     def losses(
         self, net: Any, batch: Batch, g: torch.Generator, ctx: WorkerContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(video loss, audio loss) of `net` (the engine, or a bare student in unit tests) on one
         batch at random trajectory points."""
-        tv, ta, sig = self.trajectories(batch, ctx, g)
+        tv, ta, sig = self.trajectories(batch, ctx)
         xv, xa, sv, sa = block_points(tv, ta, sig, g)
         with torch.no_grad():
             emb, mask = self.teacher.text_encoder([str(c) for c in batch["caption"]])
