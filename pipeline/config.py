@@ -224,6 +224,9 @@ class DistillSection(_Strict):
     actor_gpus: float = Field(default=0.0, ge=0.0)
     actor_batch_size: int = Field(default=2, ge=1)  # rows per map_batches call
     trajectory_cache: str | None = None  # folder of trajectory shards (None: stream, no cache)
+    # ode: share of samples whose blocks before a random one are clean (the streaming student's
+    # context); 0: every block at an independent trajectory point (CausVid's ODE init).
+    ode_clean_context: float = Field(default=0.0, ge=0.0, le=1.0)
     ode_weight_video: float = Field(default=1.0, ge=0.0)  # ODE regression loss weights (V1)
     ode_weight_audio: float = Field(default=0.16, ge=0.0)
     dmd_weight_video: float = Field(default=1.0, ge=0.0)  # DMD generator loss weights

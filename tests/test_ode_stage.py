@@ -75,6 +75,27 @@ def test_block_points_share_state_and_sigma_within_a_block() -> None:
     assert len(seen) > 1  # independent draws per block/sample
 
 
+def test_clean_context_makes_the_blocks_before_one_clean() -> None:
+    # distill.ode_clean_context = 1: per sample, the blocks before a random block k are the clean
+    # end (σ 0, as the streaming student's committed context), the rest random points.
+    b, k1, fv, fa = 64, 4, 13, 101  # 4 seconds: 5 blocks
+    sig = torch.tensor([1.0, 0.75, 0.5, 0.0])
+    tv = torch.arange(k1).float().view(1, k1, 1, 1, 1, 1).expand(b, k1, fv, 2, 2, 3).clone()
+    ta = torch.arange(k1).float().view(1, k1, 1, 1).expand(b, k1, fa, 5).clone()
+    lay = BlockLayout.from_counts(fv, fa)
+    starts = [lay.video_range(blk)[0] for blk in range(lay.num_blocks)]
+    for share, g in ((1.0, 1), (0.0, 1)):
+        xv, _, sv, _ = block_points(tv, ta, sig, torch.Generator().manual_seed(g), share)
+        per = sv[:, starts]  # [B, blocks] σ of each block
+        # Length of each sample's leading run of clean blocks.
+        lead = (per == 0).int().cumprod(1).sum(1)
+        if share == 1.0:
+            assert lead.float().mean() > 1.5  # k uniform over 5 blocks: ≥ 2 on average
+        else:
+            assert lead.float().mean() < 1.0  # each block clean with p 1/4 only
+        assert (xv[:, starts, 0, 0, 0][per == 0] == 3).all()  # σ 0 is the trajectory's end
+
+
 def _stage(cfg, ctx) -> tuple[OdeStage, torch.nn.Module]:
     stage = OdeStage()
     stage.teacher = roles.load_teacher(cfg.distill.teacher)

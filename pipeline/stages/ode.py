@@ -28,9 +28,17 @@ from pipeline.stages import Batch, WorkerContext
 
 
 def block_points(
-    traj_v: torch.Tensor, traj_a: torch.Tensor, sigmas: torch.Tensor, g: torch.Generator
+    traj_v: torch.Tensor,
+    traj_a: torch.Tensor,
+    sigmas: torch.Tensor,
+    g: torch.Generator,
+    clean_context: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One random trajectory point per (sample, block), shared by both modalities of the block.
+
+    `clean_context`: the share of samples in which one random block k sees clean context, as
+    the streaming student does (it attends to committed x0 of the blocks before): blocks < k
+    get the trajectory's clean end (σ 0: no loss there), blocks ≥ k random points as usual.
 
     traj_v [B, K+1, Fv, h, w, C], traj_a [B, K+1, Fa, C], sigmas [K+1] →
     (x_v [B,Fv,h,w,C], x_a [B,Fa,C], σ_v [B,Fv], σ_a [B,Fa]).
@@ -38,6 +46,11 @@ def block_points(
     b, n_pts, fv = traj_v.shape[:3]
     layout = BlockLayout.from_counts(fv, traj_a.shape[2])
     idx = torch.randint(0, n_pts, (b, layout.num_blocks), generator=g)  # [B, blocks]
+    if clean_context > 0:
+        k = torch.randint(0, layout.num_blocks, (b, 1), generator=g)
+        pick = torch.rand(b, 1, generator=g) < clean_context
+        before = torch.arange(layout.num_blocks)[None] < k  # [B, blocks]
+        idx = torch.where(pick & before, n_pts - 1, idx)  # the clean end (σ 0)
     iv = idx[:, layout.video_block_ids()].to(traj_v.device)  # [B, Fv]
     ia = idx[:, layout.audio_block_ids()].to(traj_a.device)  # [B, Fa]
     xv = torch.gather(traj_v, 1, iv.view(b, 1, fv, 1, 1, 1).expand(-1, 1, -1, *traj_v.shape[3:]))
@@ -124,7 +137,7 @@ class OdeStage:
         """(video loss, audio loss) of `net` (the engine, or a bare student in unit tests) on one
         batch at random trajectory points."""
         tv, ta, sig = self.trajectories(batch, ctx)
-        xv, xa, sv, sa = block_points(tv, ta, sig, g)
+        xv, xa, sv, sa = block_points(tv, ta, sig, g, ctx.cfg.distill.ode_clean_context)
         with torch.no_grad():
             emb, mask = self.teacher.text_encoder([str(c) for c in batch["caption"]])
         vel_v, vel_a = net(xv, xa, sv.to(ctx.dtype), sa.to(ctx.dtype), emb.to(ctx.dtype), mask)
