@@ -205,17 +205,17 @@ class StreamingGenerator:
         layout = BlockLayout(seconds, cfg.video_block_latents, cfg.audio_block_latents)
         t_prev = start
         # Per modality: the context and look-ahead its codec reads across chunk boundaries.
-        video = ChunkDecoder(self.bundle.video_codec, time_axis=0)
-        audio_dec = ChunkDecoder(self.bundle.audio_codec, time_axis=1)
+        vdec = ChunkDecoder(self.bundle.video_codec, time_axis=0)
+        adec = ChunkDecoder(self.bundle.audio_codec, time_axis=1)
         shown = 0  # frames yielded so far (a look-ahead codec lags the blocks)
         for k, x0v, x0a in rollout_blocks(view, cache, seconds, self.sigmas, gen):
             v0, _ = layout.video_range(k)
             a0, _ = layout.audio_range(k)
-            frames = video.push(x0v[0].float().cpu(), v0)
-            audio = audio_dec.push(x0a[0].float().cpu(), a0)
+            frames = vdec.push(x0v[0].float().cpu(), v0)
+            audio = adec.push(x0a[0].float().cpu(), a0)
             if k == layout.num_blocks - 1:  # the last block: what the codecs still hold back
-                frames = _join(frames, video.flush(), 0)
-                audio = _join(audio, audio_dec.flush(), 1)
+                frames = _join(frames, vdec.flush(), 0)
+                audio = _join(audio, adec.flush(), 1)
             now = time.perf_counter()
             t0, shown = shown / cfg.fps, shown + frames.shape[0]
             yield Chunk(
