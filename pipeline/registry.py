@@ -12,6 +12,7 @@ be); it imports only mlflow and model (no training code, no Ray).
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,7 @@ def promote(
                 artifacts={"bundle": bundle},
                 registered_model_name=name,
                 # Explicit requirements: inferring them loads the model in a subprocess (slow).
-                pip_requirements=["mlflow", "torch", "safetensors"],
+                pip_requirements=requirements(Path(bundle)),
             )
     version = str(info.registered_model_version)
     text = describe(rid, what)
@@ -165,6 +166,21 @@ def promote(
         "which": what["which"],
         "description": text,
     }
+
+
+def requirements(root: Path) -> list[str]:
+    """What a registered bundle needs installed to serve: ours, plus diffusers and transformers
+    pinned to the versions that wrote it when its codecs or text encoder are LTX-2's (their
+    classes name `LTX2`)."""
+    from importlib.metadata import version
+
+    config = json.loads((_find_bundle_dir(root) / "config.json").read_text())
+    classes = [entry.get("class", "") for entry in config.get("codecs", {}).values()]
+    classes.append(str(config.get("text_encoder", {}).get("class", "")))
+    out = ["mlflow", "torch", "safetensors"]
+    if any("LTX2" in name for name in classes):
+        out += [f"{pkg}=={version(pkg)}" for pkg in ("diffusers", "transformers")]
+    return out
 
 
 def _find_bundle_dir(root: Path) -> Path:

@@ -177,6 +177,16 @@ def test_full_bundle_loads_and_a_student_streams(imported: Path, tmp_path: Path)
     assert type(teacher.text_encoder).__name__ == "LTX2TextEncoder"
     source = json.loads((imported / "config.json").read_text())["extra"]["source"]
     assert source["path"].endswith("src") and source["files"]
+    # Registered, it asks for the diffusers/transformers it was written with; ours do not.
+    from importlib.metadata import version
+
+    from model.testing import tiny_bundle
+    from pipeline.registry import requirements
+
+    assert f"diffusers=={version('diffusers')}" in requirements(imported)
+    assert f"transformers=={version('transformers')}" in requirements(imported)
+    tiny_bundle().save_pretrained(tmp_path / "ours")
+    assert requirements(tmp_path / "ours") == ["mlflow", "torch", "safetensors"]
     # The causal student of this teacher (what distillation starts from) streams through the
     # teacher's codecs and text encoder, saved and reloaded as a bundle.
     torch.manual_seed(0)
