@@ -117,12 +117,21 @@ def test_stream_command_writes_clip(server: str, tmp_path, monkeypatch) -> None:
     assert result.exit_code == 1 and "401" in result.output
 
 
+def assert_same_frames(got: np.ndarray, want: np.ndarray) -> None:
+    """The same frames up to rounding: the replica runs torch on one thread, the test on
+    several, and a float sum in another order can flip a pixel's rounding by one level (seen on
+    an AMD EPYC box: 1 pixel of 73,728). Other weights or seeds differ everywhere."""
+    assert got.shape == want.shape and got.dtype == want.dtype == np.uint8
+    diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.999, (diff.max(), (diff > 0).sum())
+
+
 def test_websocket_stream_matches_in_process_generation(server: str, tiny_bundle_dir) -> None:
     remote = list(stream_ws(server, "a green ball", 1, seed=5, api_key=KEY))
     local = list(generate_local(str(tiny_bundle_dir), "a green ball", 1, seed=5))
     assert [p.type for p in remote] == ["start", "chunk", "chunk", "end"]
     for r, loc in zip(remote[1:3], local[1:3], strict=True):
-        np.testing.assert_array_equal(r.frames, loc.frames)
+        assert_same_frames(r.frames, loc.frames)
         # Bit-equal only at equal torch thread counts (the replica's differs from the test's).
         np.testing.assert_allclose(r.audio, loc.audio, rtol=0, atol=1e-5)
 
@@ -249,7 +258,7 @@ def test_alias_move_and_reload_switch_version_while_running_stream_stays_on_old(
     assert [p.type for p in parts[1:]] == ["chunk"] * 6
     local = generate_local(str(tiny_bundle_dir), "a red ball", MAX_SECONDS, seed=1)
     for r, loc in zip(parts[1:], itertools.islice(local, 1, 7), strict=True):
-        np.testing.assert_array_equal(r.frames, loc.frames)
+        assert_same_frames(r.frames, loc.frames)
         np.testing.assert_allclose(r.audio, loc.audio, rtol=0, atol=1e-5)
     local.close()
     assert _replicas() == {"RUNNING": 1, "STOPPING": 1}  # the old one drains: stream running
