@@ -25,12 +25,14 @@ from .layout import BlockLayout
 
 @dataclass
 class Chunk:
-    """One generated block, decoded. Chunk 0 is the Global Prefix (1 frame, 1 audio latent)."""
+    """One generated block, decoded. Chunk 0 is the Global Prefix (1 frame, 1 audio latent),
+    chunk k ≥ 1 one second, except where a codec looks ahead (ChunkDecoder): that modality lags by
+    its look-ahead (chunk 0 may be empty, the last carries the tail). t_start/t_end: video."""
 
     index: int
     frames: torch.Tensor  # uint8 [F, H, W, 3]
     audio: torch.Tensor  # float32 [channels, S]
-    t_start: float  # seconds of content before this chunk
+    t_start: float  # seconds of video before this chunk
     t_end: float
     latency_s: float  # wall time since the request started, when this chunk was ready
     compute_s: float  # wall time spent on this chunk (denoise + commit + decode)
@@ -112,7 +114,7 @@ class ChunkDecoder:
         n = len(latents) - self.lookahead
         if n <= 0:  # e.g. a one-latent prefix with L = 1: release nothing yet
             self.held, self.held_start = latents, start
-            return self.codec.decode(latents, start=start).narrow(self.axis, 0, 0)
+            return self.codec.decode(latents[:1], start=start).narrow(self.axis, 0, 0)
         self.held, self.held_start = latents[n:], start + n
         return self._decode(latents[:n], start, latents[n:])
 
@@ -127,7 +129,9 @@ class ChunkDecoder:
         if not self.want and ahead is None:
             return self.codec.decode(latents, start=start)
         kwargs = {} if ahead is None else {"ahead": ahead}
-        out = self.codec.decode(latents, start=start, context=self.context, **kwargs)
+        if self.want:
+            kwargs["context"] = self.context
+        out = self.codec.decode(latents, start=start, **kwargs)
         if self.want:
             seen = latents if self.context is None else torch.cat([self.context, latents])
             self.context = seen[-self.want :]

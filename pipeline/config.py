@@ -237,6 +237,20 @@ class DistillSection(_Strict):
     prefix: Literal["generated", "clean_from_teacher"] = "clean_from_teacher"  # block 0 source
     grad_norm_every: int = Field(default=1, ge=0)  # per-modality grad norms; 0 disables
 
+    @model_validator(mode="after")
+    def _check_student_sigmas(self) -> DistillSection:
+        # The rule model.bundle applies when the exported student is loaded: fail now, not then.
+        sig = self.student_sigmas
+        if (
+            not sig
+            or any(not 0 < x <= 1 for x in sig)
+            or any(a <= b for a, b in zip(sig, sig[1:], strict=False))
+        ):
+            raise ValueError(
+                f"distill.student_sigmas must be decreasing numbers in (0, 1], got {sig}"
+            )
+        return self
+
     def actor_resources(self) -> tuple[float, float]:
         """(CPUs, GPUs) the teacher actors take beside the trainers: `actors` x (`actor_cpus`,
         `actor_gpus`) when a stage runs its teacher as Ray actors (`teacher_mode` for `ode`,

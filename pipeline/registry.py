@@ -169,9 +169,9 @@ def promote(
 
 
 def requirements(root: Path) -> list[str]:
-    """What a registered bundle needs installed to serve: ours, plus diffusers and transformers
-    pinned to the versions that wrote it when its codecs or text encoder are LTX-2's (their
-    classes name `LTX2`)."""
+    """What a registered bundle needs installed to serve: ours, plus diffusers, transformers and
+    accelerate (diffusers builds the VAEs on it) pinned to the versions installed where it is
+    registered, when its codecs or text encoder are LTX-2's (their classes name `LTX2`)."""
     from importlib.metadata import version
 
     config = json.loads((_find_bundle_dir(root) / "config.json").read_text())
@@ -179,7 +179,7 @@ def requirements(root: Path) -> list[str]:
     classes.append(str(config.get("text_encoder", {}).get("class", "")))
     out = ["mlflow", "torch", "safetensors"]
     if any("LTX2" in name for name in classes):
-        out += [f"{pkg}=={version(pkg)}" for pkg in ("diffusers", "transformers")]
+        out += [f"{pkg}=={version(pkg)}" for pkg in ("diffusers", "transformers", "accelerate")]
     return out
 
 

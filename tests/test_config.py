@@ -131,3 +131,14 @@ def test_cli_prints_config_errors_without_traceback(tmp_path: Path) -> None:
         ],
     )
     assert res.exit_code == 2 and "stage 'nonsense' is not available" in res.output
+
+
+def test_student_sigmas_must_decrease_within_0_1() -> None:
+    # The rule a student bundle's sampler.sigmas is loaded with: refused at config load instead.
+    for bad in ("[0.5, 0.9]", "[1.5, 0.5]", "[]", "[1.0, 0.0]"):
+        with pytest.raises(ConfigError, match="distill.student_sigmas must be decreasing"):
+            load_config(None, [f"distill.student_sigmas={bad}"])
+    assert load_config(None, ["distill.student_sigmas=[1.0, 0.5]"]).distill.student_sigmas == [
+        1.0,
+        0.5,
+    ]

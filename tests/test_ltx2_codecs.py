@@ -185,6 +185,7 @@ def test_full_bundle_loads_and_a_student_streams(imported: Path, tmp_path: Path)
 
     assert f"diffusers=={version('diffusers')}" in requirements(imported)
     assert f"transformers=={version('transformers')}" in requirements(imported)
+    assert f"accelerate=={version('accelerate')}" in requirements(imported)
     tiny_bundle().save_pretrained(tmp_path / "ours")
     assert requirements(tmp_path / "ours") == ["mlflow", "torch", "safetensors"]
     # The causal student of this teacher (what distillation starts from) streams through the

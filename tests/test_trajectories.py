@@ -152,7 +152,9 @@ def test_actor_pool_streams_and_caches(
     # Another seed (each row's noise) or another dataset must not be handed these rows.
     reseeded = distill_config(tiny_teacher_dir, train={"seed": 1})
     moved = distill_config(tiny_teacher_dir, data={"path": str(tmp_path / "other")})
-    assert len({tag, shards.data_tag(reseeded), shards.data_tag(moved)}) == 3
+    fewer = distill_config(tiny_teacher_dir, data={"clips": 2})
+    tags = {tag, *(shards.data_tag(c) for c in (reseeded, moved, fewer))}
+    assert len(tags) == 4
     stamp = (out / "index.json").stat().st_mtime_ns
     second = shards.cached_trajectories(ds, cfg).take_all()
     assert (out / "index.json").stat().st_mtime_ns == stamp

@@ -210,9 +210,18 @@ def export_student(
         return
     parts = (teacher.video_codec, teacher.audio_codec, teacher.text_encoder)
     entries = gathered_entries(module, names)
-    sampler = sampler_config(0.0, sigmas)
-    extra = {"stage": stage}
-    write_streamed_bundle(out_dir, module.cfg, entries, stream, parts, extra, sampler)
+    if {name for name, _, _ in entries} != names:  # what load_state_strict used to check
+        for _ in stream:
+            pass
+        raise ValueError(f"{stage} export: the student's tensors are not its state dict's keys")
+    try:
+        sampler = sampler_config(0.0, sigmas)
+        extra = {"stage": stage}
+        write_streamed_bundle(out_dir, module.cfg, entries, stream, parts, extra, sampler)
+    except BaseException:
+        for _ in stream:  # the other ranks wait in this tensor's all_gather: let them finish
+            pass
+        raise
 
 
 @torch.no_grad()

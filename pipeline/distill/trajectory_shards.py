@@ -61,13 +61,15 @@ def sampler_tag(distill: Any) -> str:
 
 def data_tag(cfg: Any) -> str:
     """`data-<16 hex>`: the rows' source as the trajectories depend on it: data source, path,
-    clip length, the shard index (a re-synthesised folder at the same path differs) and the
-    seed (`row_seed` draws each row's noise from it). Without it a second dataset pointed at
+    clip length, how many clips (`data.clips`, `random_clips`), the codecs that encode them,
+    the shard index (a re-synthesised folder at the same path differs) and the seed (`row_seed`
+    draws each row's noise from it). Without it a second dataset pointed at
     the same cache would be handed the first one's trajectories, captions and all."""
     from data.shards import read_index
 
     d = cfg.data
-    parts: list[Any] = [d.source, str(d.path), d.seconds, cfg.train.seed]
+    parts: list[Any] = [d.source, str(d.path), d.seconds, cfg.train.seed, d.clips]
+    parts += [d.random_clips] if d.source == "random" else [d.codecs, str(d.codec_dir)]
     if d.source == "shards":
         parts.append(read_index(str(d.path)))
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
