@@ -38,7 +38,7 @@ def plot(client: MlflowClient, runs: dict[str, str], start: dict[str, float], ou
         if figure == "median_offset_ms":
             ax.set_yscale("log")  # a collapsed run's offsets are seconds, a good one's tens of ms
         ax.set_title(figure, fontsize=10)
-        ax.set_xlabel("self-forcing step")
+        ax.set_xlabel("optimizer step of the stage")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
