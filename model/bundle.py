@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from . import flow
 from .config import ModelConfig
 from .dit import AVDiT
 from .guidance import Guide
@@ -374,14 +375,7 @@ def _sigmas(config: dict[str, Any], directory: Path) -> tuple[float, ...] | None
     value = config.get("sampler", {}).get("sigmas")
     if value is None:
         return None
-    ok = (
-        isinstance(value, list)
-        and value
-        and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1 for x in value
-        )
-    )
-    if not ok or any(a <= b for a, b in zip(value, value[1:], strict=False)):
+    if not flow.student_sigmas_ok(value):
         raise BundleError(
             f"{directory}/config.json: sampler.sigmas must be decreasing numbers in (0, 1], "
             f"got {value!r}"

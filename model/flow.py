@@ -17,6 +17,17 @@ import torch
 DEFAULT_STUDENT_SIGMAS: tuple[float, ...] = (1.0, 0.7507, 0.5448)
 
 
+def student_sigmas_ok(sigmas: object) -> bool:
+    """A usable few-step σ list: a non-empty sequence of numbers in (0, 1], strictly decreasing
+    (the rule for `distill.student_sigmas` and a bundle's `sampler.sigmas`)."""
+    if not isinstance(sigmas, (list, tuple)) or not sigmas:
+        return False
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in sigmas):
+        return False
+    pairs = zip(sigmas, sigmas[1:], strict=False)
+    return all(0 < x <= 1 for x in sigmas) and all(a > b for a, b in pairs)
+
+
 def _b(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor | float:
     """Broadcast a per-frame σ [B, F] (or [B]) against x [B, F, ...]."""
     if not torch.is_tensor(sigma):

@@ -240,14 +240,12 @@ class DistillSection(_Strict):
     @model_validator(mode="after")
     def _check_student_sigmas(self) -> DistillSection:
         # The rule model.bundle applies when the exported student is loaded: fail now, not then.
-        sig = self.student_sigmas
-        if (
-            not sig
-            or any(not 0 < x <= 1 for x in sig)
-            or any(a <= b for a, b in zip(sig, sig[1:], strict=False))
-        ):
+        from model.flow import student_sigmas_ok
+
+        if not student_sigmas_ok(self.student_sigmas):
             raise ValueError(
-                f"distill.student_sigmas must be decreasing numbers in (0, 1], got {sig}"
+                "distill.student_sigmas must be decreasing numbers in (0, 1], "
+                f"got {self.student_sigmas}"
             )
         return self
 

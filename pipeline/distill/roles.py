@@ -162,9 +162,9 @@ def student_bundle(
 ) -> Bundle:
     """The exportable student: its DiT with the teacher's codecs and (frozen) text encoder, and
     the few-step σ list it is distilled for (`distill.student_sigmas`)."""
-    b = Bundle(student.eval(), teacher.video_codec, teacher.audio_codec, teacher.text_encoder)
-    b.sigmas = None if sigmas is None else tuple(float(x) for x in sigmas)
-    return b
+    own = None if sigmas is None else tuple(float(x) for x in sigmas)
+    v, a, text = teacher.video_codec, teacher.audio_codec, teacher.text_encoder
+    return Bundle(student.eval(), v, a, text, sigmas=own)
 
 
 def batch_latents(
@@ -183,6 +183,20 @@ def batch_latents(
         raise ValueError(f"batch rows {bad}: video/audio latents are not finite")
     captions = [str(c) for c in batch["caption"]]
     return video.to(device, dtype), audio.to(device, dtype), captions, keys
+
+
+def export_stage_student(stage: Any, out_dir, ctx: Any) -> None:
+    """`export` of the `ode` and `self-forcing` stages: their causal student (EMA weights if
+    enabled) as a Bundle `promote` can register, with the σ list it is distilled for."""
+    ema = stage.emas().get("student")
+    export_student(
+        stage.engine.module,
+        ema.state() if ema else None,
+        stage.teacher,
+        out_dir,
+        stage.name,
+        ctx.cfg.distill.student_sigmas,
+    )
 
 
 def export_student(

@@ -256,15 +256,7 @@ class SelfForcingStage:
 
     def export(self, out_dir: Path | None, ctx: WorkerContext) -> None:
         """The causal student (EMA weights if enabled) as a Bundle `promote` can register."""
-        ema = self._emas.get("student")
-        roles.export_student(
-            self.engine.module,
-            ema.state() if ema else None,
-            self.teacher,
-            out_dir,
-            self.name,
-            ctx.cfg.distill.student_sigmas,
-        )
+        roles.export_stage_student(self, out_dir, ctx)
 
 
 STAGE = SelfForcingStage
