@@ -148,13 +148,18 @@ def _decode_row(row: dict[str, Any], spec: DecodeSpec, counter: Any) -> list[dic
              "meta": json.dumps(s.meta, sort_keys=True), "shard": s.shard}]  # fmt: skip
 
 
-def configure_context(wait_for_min_actors_s: float) -> None:
-    """Ray Data's process-wide context: how long an actor pool may take to start (the last
-    caller's value holds for every later dataset of this process), no progress bars."""
-    ctx = ray.data.DataContext.get_current()
-    # The default (-1) waits forever for an actor pool that cannot be scheduled; fail instead.
-    ctx.wait_for_min_actors_s = wait_for_min_actors_s
-    ctx.enable_progress_bars = False
+def configure_context(wait_for_min_actors_s: float, ds: Any = None) -> None:
+    """Ray Data's context: how long an actor pool may take to start, no progress bars.
+
+    A dataset keeps a copy of the process-wide context taken when it was created (and shares it
+    with the datasets derived from it), so a dataset built before this call still holds an
+    earlier caller's wait: pass it as `ds` to set its copy too.
+    """
+    ctxs = [ray.data.DataContext.get_current()] + ([ds.context] if ds is not None else [])
+    for ctx in ctxs:
+        # The default (-1) waits forever for an actor pool that cannot be scheduled; fail instead.
+        ctx.wait_for_min_actors_s = wait_for_min_actors_s
+        ctx.enable_progress_bars = False
 
 
 def build_dataset(
@@ -278,7 +283,7 @@ def latent_dataset(
         )
     configure_context(wait_for_min_actors_s)
     samples = build_dataset(path, spec=spec, counter=counter, decode_cpus=decode_cpus)
-    return samples.map_batches(
+    encoded = samples.map_batches(
         CodecEncoder,
         fn_constructor_args=(codecs, actor_gpus > 0),
         batch_size=batch_size,
@@ -287,3 +292,5 @@ def latent_dataset(
         num_cpus=actor_cpus,
         num_gpus=actor_gpus,
     )
+    configure_context(wait_for_min_actors_s, encoded)
+    return encoded

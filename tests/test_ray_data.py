@@ -16,7 +16,13 @@ import typer
 from typer.testing import CliRunner
 
 from data.cli import register
-from data.ray_data import RayBadSampleCounter, build_dataset, latent_dataset, rows_to_samples
+from data.ray_data import (
+    RayBadSampleCounter,
+    build_dataset,
+    configure_context,
+    latent_dataset,
+    rows_to_samples,
+)
 from data.reader import BadSampleCounter, iter_samples
 from tests.fixtures.s3 import BAD_COUNTS, GOOD_KEYS, make_bucket, upload_folder
 
@@ -82,6 +88,7 @@ def test_unschedulable_actor_pool_fails_instead_of_hanging(ray_local, s3_synth, 
     with pytest.raises(ray.exceptions.GetTimeoutError, match="Timed out while starting actors"):
         ds.take(1)
     assert time.monotonic() - start < 120
+    configure_context(300.0)  # do not leave a 5 s wait to the datasets of later tests
 
 
 def test_gpu_codec_actor_without_a_device_says_so(s3_synth, tmp_path):

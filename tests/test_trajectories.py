@@ -126,14 +126,21 @@ def test_actor_pool_streams_and_caches(
 ) -> None:
     import ray.data
 
+    from data.ray_data import configure_context
+
     cfg = distill_config(
         tiny_teacher_dir,
         distill={"teacher_mode": "actors", "teacher_steps": 4, "trajectory_cache": str(tmp_path)},
     )
     batch = make_batch(cfg, 3)
     items = [{k: batch[k][i] for k in batch} for i in range(3)]
+    # A dataset built under an earlier caller's short wait (as after test_ray_data's unschedulable
+    # pool) must still get this config's wait: a dataset keeps its own copy of the context.
+    configure_context(5.0)
     ds = ray.data.from_items(items)
-    scored = sorted(tr.score_dataset(ds, cfg).take_all(), key=lambda r: r["key"])
+    scoring = tr.score_dataset(ds, cfg)
+    assert scoring.context.wait_for_min_actors_s == cfg.data.actor_start_timeout_s
+    scored = sorted(scoring.take_all(), key=lambda r: r["key"])
     bundle = roles.load_teacher(str(tiny_teacher_dir))
     seeds = [tr.row_seed(str(r["key"]), cfg.train.seed) for r in scored]
     tv, ta, _ = tr.teacher_trajectory(

@@ -191,10 +191,8 @@ def score_dataset(ds: Any, cfg: Any) -> Any:
 
     from data.ray_data import configure_context
 
-    # The wait is process-wide state: set it here, or an earlier dataset's value applies.
-    configure_context(cfg.data.actor_start_timeout_s)
     d = cfg.distill
-    return ds.map_batches(
+    scored = ds.map_batches(
         TeacherScorer,
         fn_constructor_kwargs={
             "teacher": d.teacher,
@@ -210,3 +208,6 @@ def score_dataset(ds: Any, cfg: Any) -> Any:
         batch_size=d.actor_batch_size,
         batch_format="numpy",
     )
+    # `ds` may have been built under an earlier caller's wait (a dataset copies the context).
+    configure_context(cfg.data.actor_start_timeout_s, scored)
+    return scored
