@@ -164,3 +164,91 @@ def test_rollout_exit_step_keeps_gradient_only_at_the_exit():
 def test_streaming_requires_a_causal_model():
     with pytest.raises(ValueError, match="causal"):
         StreamingGenerator(tiny_bundle(causal=False))
+
+
+def test_a_ddim_student_streams_with_its_deterministic_chain(tmp_path):
+    # distill.renoise travels as sampler.renoise; serving re-noises as the student was fitted.
+    b = tiny_bundle(seed=1)
+    b.renoise = "ddim"
+    b.save_pretrained(tmp_path / "b")
+    c = Bundle.from_pretrained(tmp_path / "b")
+    assert c.renoise == "ddim" and StreamingGenerator(c).renoise == "ddim"
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["sampler"] == {
+        "renoise": "ddim"
+    }
+    ddim = list(StreamingGenerator(c).stream("a red ball", 1, seed=4))
+    again = list(StreamingGenerator(c).stream("a red ball", 1, seed=4))
+    fresh = list(StreamingGenerator(tiny_bundle(seed=1)).stream("a red ball", 1, seed=4))
+    assert all(torch.equal(p.frames, q.frames) for p, q in zip(ddim, again, strict=True))
+    assert not torch.equal(ddim[1].frames, fresh[1].frames)
+    assert "sampler" not in json.loads(_saved(tiny_bundle(seed=1), tmp_path / "f"))  # default
+    cfg_path = tmp_path / "b" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["sampler"]["renoise"] = "initial"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match=r"sampler.renoise must be one of"):
+        Bundle.from_pretrained(tmp_path / "b", verify=False)
+
+
+def _saved(bundle, path) -> str:
+    bundle.save_pretrained(path)
+    return (path / "config.json").read_text()
+
+
+class _Spy:
+    """A student view that records each forward_block's (σ video, σ audio, commit)."""
+
+    def __init__(self, model):
+        self.model, self.cfg, self.calls = model, model.cfg, []
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def forward_block(self, xv, xa, sv, sa, block, cache, commit=False):
+        self.calls.append((block, float(sv[0, 0]), float(sa[0, 0]), commit))
+        return self.model.forward_block(xv, xa, sv, sa, block, cache, commit)
+
+
+def test_video_first_denoises_the_video_then_the_audio_against_it(tmp_path):
+    # distill.schedule = video_first: per block, K steps of the video with the audio held at its
+    # noise (σ 1), then K steps of the audio with the block's clean video (σ 0), then the commit.
+    b = tiny_bundle(seed=1)
+    sig = (1.0, 0.75, 0.5)
+    emb, mask = b.text_encoder(["a red ball"])
+    spy = _Spy(b.model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = list(
+            rollout_blocks(spy, b.model.new_cache(emb, mask, 1), 1, sig, g, schedule="video_first")
+        )
+    per_block = [(sv, sa, c) for blk, sv, sa, c in spy.calls if blk == 1]
+    assert per_block == [
+        (1.0, 1.0, False), (0.75, 1.0, False), (0.5, 1.0, False),
+        (0.0, 1.0, False), (0.0, 0.75, False), (0.0, 0.5, False),
+        (0.0, 0.0, True),
+    ]  # fmt: skip
+    assert len(out) == 2 and all(
+        torch.isfinite(v).all() and torch.isfinite(a).all() for _, v, a in out
+    )
+    # Recorded in the bundle and used by serving; a joint stream of the same seed differs.
+    b.schedule = "video_first"
+    b.save_pretrained(tmp_path / "b")
+    c = Bundle.from_pretrained(tmp_path / "b")
+    assert c.schedule == "video_first" and StreamingGenerator(c).schedule == "video_first"
+    first = list(StreamingGenerator(c).stream("a red ball", 1, seed=4))
+    joint = list(StreamingGenerator(tiny_bundle(seed=1)).stream("a red ball", 1, seed=4))
+    assert not torch.equal(first[1].audio, joint[1].audio)
+    # Self-Forcing's exit step: both outputs keep their gradient, the audio's through the video.
+    train = tiny_bundle(seed=1).model.train()
+    cache = train.new_cache(emb.detach(), mask, 1)
+    gen = torch.Generator().manual_seed(0)
+    *_, (_, xv, xa) = rollout_blocks(train, cache, 1, sig, gen, 1, schedule="video_first")
+    assert xv.requires_grad and xa.requires_grad
+    xa.pow(2).mean().backward()
+    assert train.layers[0].v_self.to_q.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        next(
+            rollout_blocks(
+                b.model, b.model.new_cache(emb, mask, 1), 1, sig, g, schedule="audio_first"
+            )
+        )
