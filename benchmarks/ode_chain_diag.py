@@ -13,7 +13,7 @@ from the row's own noise, and the clips are scored like `omniforcing eval`:
 
 `jump@0` is the student's first step alone; if `chain@1` keeps the teacher's sync and `own`
 does not, the sync is lost in the first step. Full-sequence block-causal forwards (no KV cache),
-with the re-noising the bundle records (`sampler.renoise`; joint schedule only).
+re-noising with fresh ε between steps as `flow.few_step` does (its own draws, seeded per clip).
 
     python -m benchmarks.ode_chain_diag --student BUNDLE --trajectories DIR [--exclude DIR]
 """
@@ -44,7 +44,7 @@ def chain(bundle: Bundle, row: dict, mode: str, seed: int) -> tuple[torch.Tensor
     sig = [float(s) for s in bundle.sigmas or flow.DEFAULT_STUDENT_SIGMAS]
     emb, mask = bundle.text_encoder([str(row["caption"])])
     lay = BlockLayout.from_counts(tv.shape[1], ta.shape[1])
-    vid, aid = torch.tensor(lay.video_block_ids()), torch.tensor(lay.audio_block_ids())
+    vid, aid = torch.as_tensor(lay.video_block_ids()), torch.as_tensor(lay.audio_block_ids())
     g = torch.Generator().manual_seed(seed)
     own = mode == "own"
     out_v, out_a = tv[0].clone(), ta[0].clone()  # the clip being written
@@ -70,18 +70,10 @@ def chain(bundle: Bundle, row: dict, mode: str, seed: int) -> tuple[torch.Tensor
         for i, s in enumerate(steps):
             pv, pa = x0(bv, ba, s)
             if i + 1 < len(steps):
-                bv, ba = (
-                    _renoise(bundle.renoise, bv, pv, s, steps[i + 1], g),
-                    _renoise(bundle.renoise, ba, pa, s, steps[i + 1], g),
-                )
+                bv = flow.add_noise(pv, flow.randn(pv.shape, g, pv.device, pv.dtype), steps[i + 1])
+                ba = flow.add_noise(pa, flow.randn(pa.shape, g, pa.device, pa.dtype), steps[i + 1])
         out_v[mv], out_a[ma] = pv, pa
     return out_v, out_a
-
-
-def _renoise(rule: str, x, x0, s: float, nxt: float, g: torch.Generator) -> torch.Tensor:
-    if rule == "ddim":
-        return flow.ddim_step(x, x0, s, nxt)
-    return flow.add_noise(x0, flow.randn(x0.shape, g, x0.device, x0.dtype), nxt)
 
 
 def main() -> None:
@@ -113,7 +105,7 @@ def main() -> None:
                 meta = {"caption": row["caption"], "fps": cfg.fps, "sample_rate": cfg.sample_rate}
                 clips[m].append(EvalClip(f"{m}-{i}", frames.numpy(), audio.numpy(), meta))
     report = {}
-    print(f"{len(rows)} clips, student σ {bundle.sigmas}, renoise {bundle.renoise}")
+    print(f"{len(rows)} clips, student σ {bundle.sigmas or flow.DEFAULT_STUDENT_SIGMAS}")
     print(f"{'mode':14s} {'sync<=40ms':>10s} {'median ms':>10s} {'rev/clip':>9s} {'rel err':>8s}")
     for m in modes:
         r = evaluate(clips[m])

@@ -182,12 +182,6 @@ class Bundle:
     # A causal student's few-step σ list (distill.student_sigmas it was distilled for); None:
     # flow.DEFAULT_STUDENT_SIGMAS. StreamingGenerator samples with it.
     sigmas: tuple[float, ...] | None = None
-    # How its few-step sampler re-noises (flow.few_step): "fresh" ε (Self-Forcing, DMD) or
-    # "ddim" (the deterministic chain a `distill.ode_target: next_state` student was fitted to).
-    renoise: str = "fresh"
-    # The order its sampler denoises a block's modalities (`rollout_blocks`): "joint" or
-    # "video_first" (`distill.schedule`).
-    schedule: str = "joint"
 
     @property
     def config(self) -> ModelConfig:
@@ -219,7 +213,7 @@ class Bundle:
             config = bundle_config(
                 self.model.cfg, self.text_encoder, self.video_codec, self.audio_codec, extra
             )
-            config |= sampler_config(self.stagger, self.sigmas, self.renoise, self.schedule)
+            config |= sampler_config(self.stagger, self.sigmas)
             files = FILES
             if self.guide is not None:
                 g = self.guide
@@ -274,8 +268,6 @@ class Bundle:
             guide,
             _stagger(config, d),
             _sigmas(config, d),
-            _choice(config, d, "renoise", flow.RENOISE),
-            _choice(config, d, "schedule", flow.SCHEDULES),
         )
         return bundle.to(device) if device is not None else bundle
 
@@ -368,33 +360,14 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def sampler_config(
-    stagger: float,
-    sigmas: Sequence[float] | None,
-    renoise: str = "fresh",
-    schedule: str = "joint",
-) -> dict[str, Any]:
-    """The config.json "sampler" entry ({} when all are defaults)."""
+def sampler_config(stagger: float, sigmas: Sequence[float] | None) -> dict[str, Any]:
+    """The config.json "sampler" entry ({} when both are defaults)."""
     entry: dict[str, Any] = {}
     if stagger:
         entry["stagger"] = float(stagger)
     if sigmas is not None:
         entry["sigmas"] = [float(x) for x in sigmas]
-    if renoise != "fresh":
-        entry["renoise"] = renoise
-    if schedule != "joint":
-        entry["schedule"] = schedule
     return {"sampler": entry} if entry else {}
-
-
-def _choice(config: dict[str, Any], directory: Path, key: str, allowed: Sequence[str]) -> str:
-    """The "sampler" entry's `key` (its first allowed value without one); others are named."""
-    value = config.get("sampler", {}).get(key, allowed[0])
-    if value not in allowed:
-        raise BundleError(
-            f"{directory}/config.json: sampler.{key} must be one of {list(allowed)}, got {value!r}"
-        )
-    return value
 
 
 def _sigmas(config: dict[str, Any], directory: Path) -> tuple[float, ...] | None:

@@ -172,10 +172,6 @@ def euler_sample_staggered(
     return xv, xa
 
 
-RENOISE = ("fresh", "ddim")  # how `few_step` re-noises its x0 at the next σ
-SCHEDULES = ("joint", "video_first")  # the order a block's modalities are denoised (streaming)
-
-
 def few_step(
     predict_x0: Denoiser,
     noise_v: torch.Tensor,
@@ -183,18 +179,12 @@ def few_step(
     sigmas: Sequence[float],
     generator: torch.Generator,
     stop_at: int | None = None,
-    renoise: str = "fresh",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The student's few-step sampler: predict x0, re-noise at the next σ, repeat.
+    """The student's few-step sampler (Self-Forcing style): predict x0, re-noise at the next σ.
 
-    `renoise`: "fresh" (Self-Forcing / DMD) draws a new ε from `generator` at each step;
-    "ddim" re-noises with the ε the prediction implies (`ddim_step`), so the chain is the
-    deterministic sampler whose states an ODE-trained student can be taught to land on
-    (`ddim_x0_target`). `stop_at` = index of the last step to run (the exit step of a
-    Self-Forcing rollout); its x0 is the result.
+    `stop_at` = index of the last step to run (the exit step of a Self-Forcing rollout); its x0 is
+    the result. Re-noising draws fresh ε from `generator` at each step.
     """
-    if renoise not in RENOISE:
-        raise ValueError(f"renoise must be one of {RENOISE}, got {renoise!r}")
     last = len(sigmas) - 1 if stop_at is None else stop_at
     if not 0 <= last < len(sigmas):
         raise ValueError(f"exit step {last} outside the {len(sigmas)}-step σ list")
@@ -203,25 +193,6 @@ def few_step(
         with torch.no_grad():  # only the exit step keeps gradients (stochastic truncation)
             x0v, x0a = predict_x0(xv, xa, s)
         nxt = sigmas[i + 1]
-        if renoise == "ddim":
-            xv, xa = ddim_step(xv, x0v, s, nxt), ddim_step(xa, x0a, s, nxt)
-        else:
-            xv = add_noise(x0v, randn(xv.shape, generator, xv.device, xv.dtype), nxt)
-            xa = add_noise(x0a, randn(xa.shape, generator, xa.device, xa.dtype), nxt)
+        xv = add_noise(x0v, randn(xv.shape, generator, xv.device, xv.dtype), nxt)
+        xa = add_noise(x0a, randn(xa.shape, generator, xa.device, xa.dtype), nxt)
     return predict_x0(xv, xa, sigmas[last])
-
-
-def ddim_step(x: torch.Tensor, x0: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
-    """One deterministic step σ → σ_next (an Euler step of the flow, DDIM's update): re-noise
-    `x0` with the ε it implies, ε̂ = (x − (1 − σ)·x0) / σ, which is x_next = r·x + (1 − r)·x0
-    with r = σ_next / σ. σ [B, F] or a number, σ > 0."""
-    r = _b(sigma_next, x) / _b(sigma, x)
-    return r * x + (1 - r) * x0
-
-
-def ddim_x0_target(x: torch.Tensor, x_next: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
-    """The x0 whose `ddim_step` from x at σ lands exactly on x_next at σ_next:
-    x0 = (x_next − r·x) / (1 − r), r = σ_next / σ; σ_next = 0 gives x_next itself.
-    σ > 0 and σ_next < σ ([B, F] or numbers; frames with σ = 0 must be masked by the caller)."""
-    r = _b(sigma_next, x) / _b(sigma, x)
-    return (x_next - r * x) / (1 - r)

@@ -48,19 +48,12 @@ def rollout_blocks(
     generator: torch.Generator,
     exit_step: int | None = None,
     batch: int = 1,
-    renoise: str = "fresh",
-    schedule: str = "joint",
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield (block, x0_video [B,n,h,w,C], x0_audio [B,n,C]) for blocks 0..seconds.
 
     `exit_step`: the few-step index whose x0 is the block output (Self-Forcing's stochastic
-    truncation; earlier steps run without gradient). None = all steps (inference). `renoise`:
-    how the few-step sampler re-noises (`flow.few_step`). `schedule`: "joint" denoises both
-    modalities together; "video_first" runs the video's steps with the block's audio held at
-    its noise (σ 1), then the audio's steps with the block's clean video (σ 0).
+    truncation; earlier steps run without gradient). None = all steps (inference).
     """
-    if schedule not in flow.SCHEDULES:
-        raise ValueError(f"schedule must be one of {flow.SCHEDULES}, got {schedule!r}")
     cfg = model.cfg
     layout = BlockLayout(seconds, cfg.video_block_latents, cfg.audio_block_latents)
     p = next(model.parameters())
@@ -74,40 +67,18 @@ def rollout_blocks(
         )
         noise_a = flow.randn((batch, na, cfg.audio.latent_channels), generator, p.device, p.dtype)
 
-        def predict_x0(xv, xa, s, s_a=None, k=k, nv=nv, na=na):
-            s_a = s if s_a is None else s_a
+        def predict_x0(xv, xa, s, k=k, nv=nv, na=na):
             sv = torch.full((batch, nv), s, device=p.device)
-            sa = torch.full((batch, na), s_a, device=p.device)
+            sa = torch.full((batch, na), s, device=p.device)
             vel_v, vel_a = model.forward_block(xv, xa, sv, sa, k, cache)
-            return flow.x0_from_velocity(xv, vel_v, s), flow.x0_from_velocity(xa, vel_a, s_a)
+            return flow.x0_from_velocity(xv, vel_v, s), flow.x0_from_velocity(xa, vel_a, s)
 
-        steps = (sigmas, generator, exit_step, renoise)
-        if schedule == "joint":
-            x0v, x0a = flow.few_step(predict_x0, noise_v, noise_a, *steps)
-        else:
-            x0v, x0a = _video_first(predict_x0, noise_v, noise_a, steps)
+        x0v, x0a = flow.few_step(predict_x0, noise_v, noise_a, sigmas, generator, exit_step)
         with torch.no_grad():  # commit the clean block (context noise 0), detached
             zv = torch.zeros(batch, nv, device=p.device)
             za = torch.zeros(batch, na, device=p.device)
             model.forward_block(x0v.detach(), x0a.detach(), zv, za, k, cache, commit=True)
         yield k, x0v, x0a
-
-
-def _video_first(predict_x0, noise_v: torch.Tensor, noise_a: torch.Tensor, steps: tuple):
-    """The `video_first` schedule of one block: (x0_video, x0_audio). Each phase is the few-step
-    sampler over one modality; the other is pinned (its re-noised copy is ignored)."""
-
-    def video(xv, xa, s):  # the block's audio waits at its noise
-        return predict_x0(xv, noise_a, s, 1.0)[0], xa
-
-    x0v, _ = flow.few_step(video, noise_v, noise_a, *steps)
-
-    def audio(xv, xa, s):  # the block's video is done: clean, σ 0
-        return x0v, predict_x0(x0v, xa, 0.0, s)[1]
-
-    # The video's x0 passes through unchanged (x0 = x − 0·v at σ 0), gradient included.
-    _, x0a = flow.few_step(audio, x0v, noise_a, *steps)
-    return x0v, x0a
 
 
 class ChunkDecoder:
@@ -196,8 +167,6 @@ class StreamingGenerator:
         # The σ list it was distilled for (its bundle's sampler entry) unless told otherwise.
         own = getattr(bundle, "sigmas", None)
         self.sigmas = tuple(sigmas or own or flow.DEFAULT_STUDENT_SIGMAS)
-        self.renoise: str = getattr(bundle, "renoise", "fresh")  # its re-noising rule
-        self.schedule: str = getattr(bundle, "schedule", "joint")  # and its modality order
         if isinstance(window_s, int) or window_s is None:
             window_s = (window_s, window_s)
         self.windows = window_s
@@ -243,10 +212,7 @@ class StreamingGenerator:
         vdec = ChunkDecoder(self.bundle.video_codec, time_axis=0)
         adec = ChunkDecoder(self.bundle.audio_codec, time_axis=1)
         shown = 0  # frames yielded so far (a look-ahead codec lags the blocks)
-        blocks = rollout_blocks(
-            view, cache, seconds, self.sigmas, gen, renoise=self.renoise, schedule=self.schedule
-        )
-        for k, x0v, x0a in blocks:
+        for k, x0v, x0a in rollout_blocks(view, cache, seconds, self.sigmas, gen):
             v0, _ = layout.video_range(k)
             a0, _ = layout.audio_range(k)
             frames = vdec.push(x0v[0].float().cpu(), v0)

@@ -227,19 +227,6 @@ class DistillSection(_Strict):
     # ode: share of samples whose blocks before a random one are clean (the streaming student's
     # context); 0: every block at an independent trajectory point (CausVid's ODE init).
     ode_clean_context: float = Field(default=0.0, ge=0.0, le=1.0)
-    # ode: what the student regresses at a trajectory point. `x0`: the teacher's clean end
-    # (CausVid, V1; served with fresh re-noising). `next_state`: the x0 whose deterministic
-    # step (flow.ddim_step) lands on the teacher's state at the next student σ, so the served
-    # chain (renoise: ddim) walks the teacher's own trajectory (RESULTS, session 17).
-    ode_target: Literal["x0", "next_state"] = "x0"
-    # The student's few-step re-noising (flow.few_step), recorded in its exported bundle:
-    # `fresh` ε per step (Self-Forcing, DMD) or `ddim` (deterministic; needed by next_state).
-    renoise: Literal["fresh", "ddim"] = "fresh"
-    # The order the student's sampler denoises a block's modalities (flow.few_step per phase),
-    # recorded in its bundle: `joint`, or `video_first`: the video's steps with the block's
-    # audio held at pure noise, then the audio's steps seeing the block's clean video, so the
-    # audio's onsets are placed against contacts already made (2K forwards a block, not K).
-    schedule: Literal["joint", "video_first"] = "joint"
     ode_weight_video: float = Field(default=1.0, ge=0.0)  # ODE regression loss weights (V1)
     ode_weight_audio: float = Field(default=0.16, ge=0.0)
     dmd_weight_video: float = Field(default=1.0, ge=0.0)  # DMD generator loss weights
@@ -259,11 +246,6 @@ class DistillSection(_Strict):
             raise ValueError(
                 "distill.student_sigmas must be decreasing numbers in (0, 1], "
                 f"got {self.student_sigmas}"
-            )
-        if self.ode_target == "next_state" and self.renoise != "ddim":
-            raise ValueError(
-                "distill.ode_target=next_state fits the deterministic chain: set "
-                f"distill.renoise=ddim (got {self.renoise!r})"
             )
         return self
 

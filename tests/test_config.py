@@ -55,10 +55,6 @@ def test_bad_values_name_their_path() -> None:
         load_config(None, ["train.lr=1", "train.lr.x=2"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent.yaml")
-    # next-state targets fit the deterministic chain only: the pair is checked at load.
-    with pytest.raises(ConfigError, match=r"distill.*set distill\.renoise=ddim"):
-        load_config(None, ["distill.ode_target=next_state"])
-    assert load_config(None, ["distill.ode_target=next_state", "distill.renoise=ddim"])
 
 
 def test_overrides_are_typed_and_reach_nested_model_fields() -> None:

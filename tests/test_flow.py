@@ -1,6 +1,5 @@
 """Flow-matching maths shared by training and serving."""
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -115,43 +114,3 @@ def test_staggered_table_keeps_the_joint_samplers_cost():
         # round(steps / (1 + Δ)) table steps, walked in (1 + Δ) times as many global steps
         assert abs(len(calls) - steps) <= (1 + delta) / 2 + 1e-9, (steps, delta, len(calls))
         assert table[0] == 1.0 and table[-1] == 0.0
-
-
-def test_ddim_target_lands_the_deterministic_step_on_the_next_state():
-    # ddim_x0_target inverts ddim_step: from x at σ, the step with that x0 reaches x_next at σ'.
-    g = torch.Generator().manual_seed(0)
-    x, x_next = torch.randn(3, 4, 2, generator=g), torch.randn(3, 4, 2, generator=g)
-    s = torch.rand(3, 4, generator=g) * 0.8 + 0.2
-    n = s * torch.rand(3, 4, generator=g)
-    x0 = flow.ddim_x0_target(x, x_next, s, n)
-    torch.testing.assert_close(flow.ddim_step(x, x0, s, n), x_next)
-    torch.testing.assert_close(flow.ddim_x0_target(x, x_next, s, 0.0), x_next)  # σ' 0: x0 itself
-    # On a straight path x_σ = (1 − σ)·x0 + σ·ε the step keeps ε: it is an exact flow step.
-    eps, clean = torch.randn(3, 4, 2, generator=g), torch.randn(3, 4, 2, generator=g)
-    at = flow.add_noise(clean, eps, s)
-    torch.testing.assert_close(flow.ddim_step(at, clean, s, n), flow.add_noise(clean, eps, n))
-
-
-def test_ddim_few_step_is_deterministic_and_draws_no_noise():
-    seen = []
-
-    def predict(xv, xa, s):
-        seen.append(xv.clone())
-        return xv * 0.5, xa * 0.5
-
-    sig = [1.0, 0.75, 0.5]
-    nv, na = torch.ones(2, 3), torch.ones(2, 4)
-    g = torch.Generator().manual_seed(0)
-    state = g.get_state()
-    a = flow.few_step(predict, nv, na, sig, g, renoise="ddim")
-    assert torch.equal(g.get_state(), state)  # no ε drawn: only the initial noise is random
-    # By hand: x0 = x/2; x_next = r·x + (1 − r)·x0 with r = σ'/σ.
-    x = nv
-    for s, n in zip(sig, sig[1:], strict=False):
-        x = (n / s) * x + (1 - n / s) * 0.5 * x
-    torch.testing.assert_close(seen[-1], x)
-    torch.testing.assert_close(a[0], 0.5 * x)
-    fresh = flow.few_step(predict, nv, na, sig, torch.Generator().manual_seed(0))
-    assert not torch.equal(fresh[0], a[0])  # fresh ε differs
-    with pytest.raises(ValueError, match="renoise must be one of"):
-        flow.few_step(predict, nv, na, sig, g, renoise="initial")

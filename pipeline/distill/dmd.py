@@ -73,16 +73,9 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> 
     return (per_frame * w).sum() / w.sum().clamp(min=1.0)
 
 
-def ode_loss(
-    x0_pred: torch.Tensor,
-    x0_target: torch.Tensor,
-    sigma: torch.Tensor,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """ODE regression: MSE(x0_pred, x0_teacher) over frames with σ > 1e-6 ([B, F] σ) and, when
-    given, `mask` [B, F] true."""
-    keep = sigma > 1e-6 if mask is None else (sigma > 1e-6) & mask
-    return masked_mse(x0_pred, x0_target, keep)
+def ode_loss(x0_pred: torch.Tensor, x0_target: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """ODE regression: MSE(x0_pred, x0_teacher) over frames with σ > 1e-6 ([B, F] σ)."""
+    return masked_mse(x0_pred, x0_target, sigma > 1e-6)
 
 
 def sample_sigma(

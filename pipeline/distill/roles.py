@@ -158,17 +158,13 @@ def stream_of(name: str) -> str:
 
 
 def student_bundle(
-    student: AVDiT,
-    teacher: Bundle,
-    sigmas: Sequence[float] | None = None,
-    renoise: str = "fresh",
-    schedule: str = "joint",
+    student: AVDiT, teacher: Bundle, sigmas: Sequence[float] | None = None
 ) -> Bundle:
     """The exportable student: its DiT with the teacher's codecs and (frozen) text encoder, and
-    the few-step σ list it is distilled for (`distill.student_sigmas`) and its sampler's rules."""
+    the few-step σ list it is distilled for (`distill.student_sigmas`)."""
     own = None if sigmas is None else tuple(float(x) for x in sigmas)
     v, a, text = teacher.video_codec, teacher.audio_codec, teacher.text_encoder
-    return Bundle(student.eval(), v, a, text, sigmas=own, renoise=renoise, schedule=schedule)
+    return Bundle(student.eval(), v, a, text, sigmas=own)
 
 
 def batch_latents(
@@ -200,8 +196,6 @@ def export_stage_student(stage: Any, out_dir, ctx: Any) -> None:
         out_dir,
         stage.name,
         ctx.cfg.distill.student_sigmas,
-        ctx.cfg.distill.renoise,
-        ctx.cfg.distill.schedule,
     )
 
 
@@ -212,14 +206,11 @@ def export_student(
     out_dir,
     stage: str,
     sigmas: Sequence[float] | None = None,
-    renoise: str = "fresh",
-    schedule: str = "joint",
 ) -> None:
     """Collective: every rank gathers the student (EMA if given) one tensor at a time, and rank 0
     (`out_dir` set) streams each into the Bundle's model.safetensors as it arrives, so no rank
     holds the whole student (at 19 B a full fp32 copy is 76 GB of host memory). `sigmas`: the
-    few-step σ list it was distilled for, `renoise` and `schedule` how its sampler re-noises and
-    orders the modalities, recorded so serving samples with them."""
+    few-step σ list it was distilled for, recorded so serving samples with it."""
     from model.bundle import sampler_config
     from model.dit_bundle import write_streamed_bundle
     from pipeline.parallelize import gathered_entries, iter_gathered
@@ -238,7 +229,7 @@ def export_student(
             pass
         raise ValueError(f"{stage} export: the student's tensors are not its state dict's keys")
     try:
-        sampler = sampler_config(0.0, sigmas, renoise, schedule)
+        sampler = sampler_config(0.0, sigmas)
         extra = {"stage": stage}
         write_streamed_bundle(out_dir, module.cfg, entries, stream, parts, extra, sampler)
     except BaseException:
@@ -249,14 +240,7 @@ def export_student(
 
 @torch.no_grad()
 def student_sheet(
-    module: AVDiT,
-    teacher: Bundle,
-    sigmas: list[float],
-    seconds: int,
-    g: torch.Generator,
-    out_dir,
-    renoise: str = "fresh",
-    schedule: str = "joint",
+    module: AVDiT, teacher: Bundle, sigmas: list[float], seconds: int, g: torch.Generator, out_dir
 ) -> None:
     """Stream one clip from the student (every rank: forwards may be collective under ZeRO-3);
     rank 0 (`out_dir` set) decodes it with the teacher's codec into `student_sheet.png`."""
@@ -265,7 +249,7 @@ def student_sheet(
     p = next(module.parameters())
     emb, mask = teacher.text_encoder(["a red ball"])
     cache = module.new_cache(emb.to(p.dtype), mask, seconds)
-    blocks = list(rollout_blocks(module, cache, seconds, sigmas, g, None, 1, renoise, schedule))
+    blocks = list(rollout_blocks(module, cache, seconds, sigmas, g))
     if out_dir is None:
         return
     from pipeline.plots import contact_sheet, sample_clip

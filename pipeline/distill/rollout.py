@@ -42,16 +42,13 @@ def rollout(
     g: torch.Generator,
     exit_step: int,
     prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-    renoise: str = "fresh",
-    schedule: str = "joint",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The student's clip x̂: video [B, Fv, h, w, C], audio [B, Fa, C] (gradient at exit step),
-    sampled as serving will (`distill.renoise`, `distill.schedule`: `rollout_blocks`)."""
+    """The student's clip x̂: video [B, Fv, h, w, C], audio [B, Fa, C] (gradient at exit step)."""
     cache = student.new_cache(text[0], text[1], seconds)
     model = student if prefix is None else PrefixPinned(student, *prefix)
     vs, as_ = [], []
     for _, xv, xa in rollout_blocks(
-        model, cache, seconds, sigmas, g, exit_step, text[0].shape[0], renoise, schedule
+        model, cache, seconds, sigmas, g, exit_step, batch=text[0].shape[0]
     ):
         vs.append(xv)
         as_.append(xa)

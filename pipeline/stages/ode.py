@@ -3,9 +3,7 @@
 Per sample and per block an independent point of the teacher's trajectory (the clean end
 included) is drawn; every latent of that block, video and audio, gets that state and its σ. One
 full-sequence block-causal forward of the student predicts x0; the loss is the MSE to the
-teacher's clean x0 per modality (or, `distill.ode_target: next_state`, to the x0 whose
-deterministic step lands on the teacher's next point), masked to σ > 0, weighted by
-`distill.ode_weight_*`.
+teacher's clean x0 per modality, masked to σ > 0, weighted by `distill.ode_weight_*`.
 
 Trajectories come from the rows (`traj_video`, `traj_audio`, `traj_sigmas`, written by the
 teacher-scoring actor pool) or, with `distill.teacher_mode: local`, from the frozen teacher in
@@ -17,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,47 +27,22 @@ from pipeline.parallelize import Ema, make_engine
 from pipeline.stages import Batch, WorkerContext
 
 
-class Points(NamedTuple):
-    """One training input of the ODE stage and its targets (`block_points`)."""
-
-    video: torch.Tensor  # [B, Fv, h, w, C] the student's input
-    audio: torch.Tensor  # [B, Fa, C]
-    sigma_video: torch.Tensor  # [B, Fv]
-    sigma_audio: torch.Tensor  # [B, Fa]
-    target_video: torch.Tensor  # [B, Fv, h, w, C] what its x0 regresses
-    target_audio: torch.Tensor  # [B, Fa, C]
-    audio_loss: torch.Tensor  # [B, Fa] bool: audio frames that carry loss (besides σ > 0)
-
-
 def block_points(
     traj_v: torch.Tensor,
     traj_a: torch.Tensor,
     sigmas: torch.Tensor,
     g: torch.Generator,
     clean_context: float = 0.0,
-    target: str = "x0",
-    schedule: str = "joint",
-) -> Points:
-    """One random trajectory point per (sample, block), and the student's regression target.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One random trajectory point per (sample, block), shared by both modalities of the block.
 
-    `schedule` (the student sampler's `distill.schedule`): "joint" = both modalities of a block
-    at that point; "video_first" = half the blocks are in the video phase (video at the point,
-    audio at pure noise, σ 1, without loss: the sampler holds it there), half in the audio phase
-    (video at its clean end, σ 0, audio at the point), the two states that sampler meets.
     `clean_context`: the share of samples in which one random block k sees clean context, as
     the streaming student does (it attends to committed x0 of the blocks before): blocks < k
     get the trajectory's clean end (σ 0: no loss there), blocks ≥ k random points as usual.
-    `target`: "x0" = the trajectory's clean end; "next_state" = the x0 whose deterministic step
-    (`flow.ddim_step`) from the point lands on the trajectory's next point (the clean end after
-    the last student σ), `flow.ddim_x0_target`.
 
-    traj_v [B, K+1, Fv, h, w, C], traj_a [B, K+1, Fa, C], sigmas [K+1] (the last 0) → Points.
+    traj_v [B, K+1, Fv, h, w, C], traj_a [B, K+1, Fa, C], sigmas [K+1] →
+    (x_v [B,Fv,h,w,C], x_a [B,Fa,C], σ_v [B,Fv], σ_a [B,Fa]).
     """
-    if target not in ("x0", "next_state") or schedule not in ("joint", "video_first"):
-        raise ValueError(
-            f"ODE target must be 'x0' or 'next_state' and schedule 'joint' or 'video_first', "
-            f"got {target!r}, {schedule!r}"
-        )
     b, n_pts, fv = traj_v.shape[:3]
     layout = BlockLayout.from_counts(fv, traj_a.shape[2])
     idx = torch.randint(0, n_pts, (b, layout.num_blocks), generator=g)  # [B, blocks]
@@ -78,32 +51,12 @@ def block_points(
         pick = torch.rand(b, 1, generator=g) < clean_context
         before = torch.arange(layout.num_blocks)[None] < k  # [B, blocks]
         idx = torch.where(pick & before, n_pts - 1, idx)  # the clean end (σ 0)
-    idx_v, idx_a, held = idx, idx, torch.zeros_like(idx, dtype=torch.bool)
-    if schedule == "video_first":
-        # Audio held at noise while its block's video denoises is an input, not a target.
-        held = (torch.rand(b, layout.num_blocks, generator=g) < 0.5) & (idx < n_pts - 1)
-        idx_v = torch.where(held | (idx == n_pts - 1), idx, n_pts - 1)
-        idx_a = torch.where(held, 0, idx)
-    iv = idx_v[:, layout.video_block_ids()].to(traj_v.device)  # [B, Fv]
-    ia = idx_a[:, layout.audio_block_ids()].to(traj_a.device)  # [B, Fa]
-    held = held[:, layout.audio_block_ids()].to(traj_a.device)  # [B, Fa]
+    iv = idx[:, layout.video_block_ids()].to(traj_v.device)  # [B, Fv]
+    ia = idx[:, layout.audio_block_ids()].to(traj_a.device)  # [B, Fa]
+    xv = torch.gather(traj_v, 1, iv.view(b, 1, fv, 1, 1, 1).expand(-1, 1, -1, *traj_v.shape[3:]))
+    xa = torch.gather(traj_a, 1, ia.view(b, 1, -1, 1).expand(-1, 1, -1, traj_a.shape[3]))
     sig = sigmas.to(traj_v.device, torch.float32)
-    xv, xa = _at(traj_v, iv), _at(traj_a, ia)
-    if target == "x0":
-        return Points(xv, xa, sig[iv], sig[ia], traj_v[:, -1], traj_a[:, -1], ~held)
-    nv, na = (iv + 1).clamp(max=n_pts - 1), (ia + 1).clamp(max=n_pts - 1)
-    # σ 0 points (the clean end) get no loss: any finite target does there.
-    sv, sa = sig[iv].clamp(min=1e-6), sig[ia].clamp(min=1e-6)
-    yv = flow.ddim_x0_target(xv.float(), _at(traj_v, nv).float(), sv, sig[nv].clamp(max=sv))
-    ya = flow.ddim_x0_target(xa.float(), _at(traj_a, na).float(), sa, sig[na].clamp(max=sa))
-    return Points(xv, xa, sig[iv], sig[ia], yv.to(xv.dtype), ya.to(xa.dtype), ~held)
-
-
-def _at(traj: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """traj [B, K+1, F, ...] at per-frame point idx [B, F] → [B, F, ...]."""
-    b, f = idx.shape
-    view = idx.view(b, 1, f, *([1] * (traj.dim() - 3)))
-    return torch.gather(traj, 1, view.expand(-1, 1, -1, *traj.shape[3:]))[:, 0]
+    return xv[:, 0], xa[:, 0], sig[iv], sig[ia]
 
 
 class OdeStage:
@@ -184,18 +137,13 @@ class OdeStage:
         """(video loss, audio loss) of `net` (the engine, or a bare student in unit tests) on one
         batch at random trajectory points."""
         tv, ta, sig = self.trajectories(batch, ctx)
-        d = ctx.cfg.distill
-        pts = block_points(tv, ta, sig, g, d.ode_clean_context, d.ode_target, d.schedule)
-        xv, xa, sv, sa = pts.video, pts.audio, pts.sigma_video, pts.sigma_audio
+        xv, xa, sv, sa = block_points(tv, ta, sig, g, ctx.cfg.distill.ode_clean_context)
         with torch.no_grad():
             emb, mask = self.teacher.text_encoder([str(c) for c in batch["caption"]])
         vel_v, vel_a = net(xv, xa, sv.to(ctx.dtype), sa.to(ctx.dtype), emb.to(ctx.dtype), mask)
         x0v = flow.x0_from_velocity(xv, vel_v, sv)
         x0a = flow.x0_from_velocity(xa, vel_a, sa)
-        return (
-            dmd.ode_loss(x0v, pts.target_video, sv),
-            dmd.ode_loss(x0a, pts.target_audio, sa, pts.audio_loss),
-        )
+        return dmd.ode_loss(x0v, tv[:, -1], sv), dmd.ode_loss(x0a, ta[:, -1], sa)
 
     def train_step(
         self, step: int, next_batch: Callable[[], Batch], ctx: WorkerContext
@@ -227,8 +175,6 @@ class OdeStage:
             ctx.cfg.data.seconds,
             g,
             out_dir,
-            ctx.cfg.distill.renoise,
-            ctx.cfg.distill.schedule,
         )
 
     def export(self, out_dir: Path | None, ctx: WorkerContext) -> None:

@@ -85,7 +85,6 @@ class SelfForcingStage:
         local = d.real_score == "local"
         self.teacher = roles.load_teacher(d.teacher, ctx.device, ctx.dtype)
         self.sigmas = [float(s) for s in d.student_sigmas]
-        self.renoise, self.schedule = d.renoise, d.schedule  # the rollout samples as serving will
         self.scales = (d.cfg_video, d.cfg_audio)
         t = self.teacher.model
         if zero3:
@@ -150,7 +149,7 @@ class SelfForcingStage:
     def _sample(self, inp: dict[str, Any], g: torch.Generator, exit_step: int):
         return rollout(
             self.engine.module, inp["text"], inp["seconds"], self.sigmas, g,
-            exit_step, inp["prefix"], self.renoise, self.schedule,
+            exit_step, inp["prefix"],
         )  # fmt: skip
 
     def _noised(self, xv, xa, inp: dict[str, Any], g: torch.Generator, ctx: WorkerContext):
@@ -252,9 +251,8 @@ class SelfForcingStage:
         """A contact sheet of one streamed student clip (the trainer's periodic hook)."""
         g = ctx.generator(step, 0, purpose=3)
         roles.student_sheet(
-            self.engine.module, self.teacher, list(self.sigmas), ctx.cfg.data.seconds, g, out_dir,
-            self.renoise, self.schedule,
-        )  # fmt: skip
+            self.engine.module, self.teacher, list(self.sigmas), ctx.cfg.data.seconds, g, out_dir
+        )
 
     def export(self, out_dir: Path | None, ctx: WorkerContext) -> None:
         """The causal student (EMA weights if enabled) as a Bundle `promote` can register."""
