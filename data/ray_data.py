@@ -281,7 +281,6 @@ def latent_dataset(
             f"batch_size and actors must be >= 1 and actor_gpus >= 0, got {batch_size}, "
             f"{actors}, {actor_gpus}"
         )
-    configure_context(wait_for_min_actors_s)
     samples = build_dataset(path, spec=spec, counter=counter, decode_cpus=decode_cpus)
     encoded = samples.map_batches(
         CodecEncoder,
@@ -292,5 +291,5 @@ def latent_dataset(
         num_cpus=actor_cpus,
         num_gpus=actor_gpus,
     )
-    configure_context(wait_for_min_actors_s, encoded)
+    configure_context(wait_for_min_actors_s, encoded)  # its context is the whole plan's
     return encoded
