@@ -12,7 +12,10 @@ from the row's own noise, and the clips are scored like `omniforcing eval`:
 - `chain@i`: the rest of the chain from the teacher's state at index i (teacher's past).
 
 `jump@0` is the student's first step alone; if `chain@1` keeps the teacher's sync and `own`
-does not, the sync is lost in the first step. Full-sequence block-causal forwards (no KV cache),
+does not, the sync is lost in the first step. Each mode's sync is also given per block (a
+contact belongs to the block whose frames hold it): a bidirectional teacher's block depends on
+the noise of the blocks after it, which a causal student never sees, so its error falls toward
+the last block (session 18). Full-sequence block-causal forwards (no KV cache),
 re-noising with fresh ε between steps as `flow.few_step` does (its own draws, seeded per clip).
 
     python -m benchmarks.ode_chain_diag --student BUNDLE --trajectories DIR [--exclude DIR]
@@ -27,11 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.sync import clip_row
 from model import BlockLayout, flow
 from model.bundle import Bundle
 from model.sampling import decode_clip
 from pipeline.distill.trajectory_shards import read_trajectory_shards
-from pipeline.evaluate import EvalClip, evaluate
+from pipeline.evaluate import TOL_S, EvalClip, evaluate
 
 DEFAULT_MODES = "teacher,own,teacher_past,jump@0,chain@1,jump@1,jump@2"
 
@@ -76,6 +80,30 @@ def chain(bundle: Bundle, row: dict, mode: str, seed: int) -> tuple[torch.Tensor
     return out_v, out_a
 
 
+def block_of_time(t: float, fps: float, frames_per_block: int) -> int:
+    """The block whose frames hold time t (s): block 0 is frame 0 (the first latent alone),
+    block k ≥ 1 frames 1 + (k−1)·n .. k·n (n = `frames_per_block`)."""
+    frame = int(round(t * fps))
+    return 0 if frame < 1 else 1 + (frame - 1) // frames_per_block
+
+
+def sync_by_block(
+    clips: list[EvalClip], num_blocks: int, frames_per_block: int, tol: float = TOL_S
+) -> list[tuple[int, float]]:
+    """Per block: (visible contacts, share with an audio onset within `tol`), pooled over clips."""
+    hits, total = np.zeros(num_blocks, int), np.zeros(num_blocks, int)
+    for c in clips:
+        row = clip_row(c.frames, c.audio, c.meta, tol)
+        onsets = np.asarray(row["onsets"], float)
+        for t in row["contacts"]:
+            k = min(
+                block_of_time(t, float(c.meta.get("fps", 24)), frames_per_block), num_blocks - 1
+            )
+            total[k] += 1
+            hits[k] += bool(len(onsets)) and float(np.min(np.abs(onsets - t))) <= tol
+    return [(int(n), h / n if n else float("nan")) for h, n in zip(hits, total, strict=True)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--student", required=True, help="an exported student Bundle folder")
@@ -104,6 +132,10 @@ def main() -> None:
                 frames, audio = decode_clip(bundle, v, a)
                 meta = {"caption": row["caption"], "fps": cfg.fps, "sample_rate": cfg.sample_rate}
                 clips[m].append(EvalClip(f"{m}-{i}", frames.numpy(), audio.numpy(), meta))
+    fv = int(np.asarray(rows[0]["traj_video"]).shape[1])
+    lay = BlockLayout.from_counts(fv, int(np.asarray(rows[0]["traj_audio"]).shape[1]))
+    n_frames = clips[modes[0]][0].frames.shape[0]  # 1 + r·(Fv − 1) frames
+    frames_per_block = (n_frames - 1) // (fv - 1) * (lay.video_range(1)[1] - lay.video_range(1)[0])
     report = {}
     print(f"{len(rows)} clips, student σ {bundle.sigmas or flow.DEFAULT_STUDENT_SIGMAS}")
     print(f"{'mode':14s} {'sync<=40ms':>10s} {'median ms':>10s} {'rev/clip':>9s} {'rel err':>8s}")
@@ -116,9 +148,12 @@ def main() -> None:
             "video_rel_err": float(np.mean(err[m])),
         }
         f = report[m]
+        per = sync_by_block(clips[m], lay.num_blocks, frames_per_block)
+        f["sync_by_block"] = [{"contacts": n, "sync_40ms": r} for n, r in per]
         print(
             f"{m:14s} {100 * f['sync_40ms']:9.1f}% {f['median_offset_ms']:10.1f} "
-            f"{f['reversals_per_clip']:9.2f} {f['video_rel_err']:8.3f}"
+            f"{f['reversals_per_clip']:9.2f} {f['video_rel_err']:8.3f}   by block: "
+            + " ".join(f"{100 * r:.0f}%/{n}" for n, r in per[1:])
         )
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
