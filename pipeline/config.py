@@ -212,10 +212,6 @@ class DistillSection(_Strict):
     ode_cfg_video: float = Field(default=3.0, ge=0.0)  # trajectory CFG, video (V1 stage 1 / V2)
     ode_cfg_audio: float = Field(default=5.0, ge=0.0)  # trajectory CFG, audio
     teacher_steps: int = Field(default=40, ge=1)  # Euler steps of the teacher's trajectories
-    # How the teacher makes the ODE targets: `joint` = one sample of the whole clip (each block's
-    # end then depends on the later blocks' noise, which the causal student never sees);
-    # `causal` = block by block, each seeing only its clean past (pipeline/distill/trajectories).
-    teacher_trajectory: Literal["joint", "causal"] = "joint"
     teacher_mode: Literal["local", "actors"] = "local"  # ode: actors = Ray pool scores batches
     # self-forcing DMD real score: `local` = each trainer holds the frozen teacher; `actors` =
     # trainers send x_t to a pool of `actors` named teacher actors and get the CFG x0 back.

@@ -2,8 +2,7 @@
 
 - `teacher_trajectory`: the frozen bidirectional teacher's Euler sampler (LTX-2 schedule, CFG per
   modality) run *through* the student's σ points, recording the state at each of them plus the
-  clean end: video [B, K+1, Fv, h, w, C], audio [B, K+1, Fa, C], σ [K+1] (last = 0); or, with
-  `causal`, block by block (`causal_ends`).
+  clean end: video [B, K+1, Fv, h, w, C], audio [B, K+1, Fa, C], σ [K+1] (last = 0).
 - `guided_x0`: the teacher's CFG x0 at per-frame σ (the DMD real score uses it too).
 - `TeacherScorer` + `score_dataset`: `map_batches` over an `ActorPoolStrategy` pool holding the
   teacher (`distill.actor_gpus` each: DiT on GPU in bf16, or CPU fp32 when 0; the ODE state
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model import AVDiT, BlockLayout, flow
+from model import AVDiT, flow
 from model.guidance import BoundGuide, Guide, bind, teacher_velocity
 from model.sampling import frame_velocity
 
@@ -75,14 +74,9 @@ def teacher_trajectory(
     scales: tuple[float, float] = (3.0, 5.0),
     guide: Guide | None = None,
     stagger: float = 0.0,
-    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(traj_v [B,K+1,Fv,h,w,C], traj_a [B,K+1,Fa,C], σ [K+1]) at the student's σ + clean end,
     float32 on the model's device.
-
-    `causal`: the clean end is made block by block (`causal_ends`), so each block's end is a
-    function of its clean past and its own noise only, as the causal student's output is; the
-    states at the student's σ are then the reflow line, as for a staggered teacher.
 
     A teacher that samples on a staggered schedule (`stagger` Δ > 0, a bundle's `stagger`) has
     no joint-σ states on its path: its clean end is the staggered Euler sample of the noise and
@@ -105,12 +99,6 @@ def teacher_trajectory(
     null = text_encoder([""])
     bound = bind(guide, captions)  # the bundle's autoguidance
     n_tokens = vshape[0] * model.cfg.video_tokens_per_frame + ashape[0]
-    if causal:
-        table = flow.staggered_table(steps, stagger, n_tokens) if stagger > 0 else None
-        table = flow.ltx2_sigmas(steps, n_tokens) if table is None else table
-        velocity = frame_velocity(model, text, null, scales, bound)
-        ev, ea = causal_ends(velocity, xv, xa, table)
-        return _reflow_line(ev, ea, xv, xa, student_sigmas)
     if stagger > 0:
         return _reflow_trajectory(
             model, xv, xa, (text, null, scales, bound), student_sigmas, steps, n_tokens, stagger
@@ -151,62 +139,10 @@ def _reflow_trajectory(
     `flow.staggered_sigmas`, then the straight-line states at the student's σ."""
     table = flow.staggered_table(steps, stagger, n_tokens)
     ev, ea = flow.euler_sample_staggered(frame_velocity(model, *cond), nv, na, table, stagger)
-    return _reflow_line(ev, ea, nv, na, student_sigmas)
-
-
-def _reflow_line(ev, ea, nv, na, student_sigmas: Sequence[float]):
-    """States (1 − σ)·end + σ·noise at the student's σ and the end: the trajectory tuple."""
     want = [float(s) for s in student_sigmas] + [0.0]
     traj_v = torch.stack([flow.add_noise(ev, nv, s) for s in want], 1)
     traj_a = torch.stack([flow.add_noise(ea, na, s) for s in want], 1)
     return traj_v, traj_a, torch.tensor(want)
-
-
-# The σ label of the clean past while a later block is made: the smallest σ the teacher stage
-# trains at (its staggered σ are clamped there), so the past reads as the cleanest frames it saw.
-CLEAN_PAST_SIGMA = 0.02
-FUTURE_NOISE_SEED = 20261207  # the later blocks' stand-in noise: one fixed draw for every clip
-
-
-@torch.no_grad()
-def causal_ends(
-    velocity: Any, nv: torch.Tensor, na: torch.Tensor, table: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's sample made block by block: block k walks `table` from its own noise while
-    the blocks before it are their clean ends (σ `CLEAN_PAST_SIGMA`) and the blocks after it
-    stand at σ 1 on a fixed noise shared by every clip. A joint sample's block k moves with the
-    later blocks' noise (measured: up to half its variance, session 18), which a causal student
-    cannot see, so regressing on it teaches a blurred average; this end depends only on what
-    the student sees. Costs num_blocks × len(table) forwards of the whole clip.
-
-    velocity(x_v, x_a, σ_v [B,Fv], σ_a [B,Fa]) → guided velocities (`frame_velocity`);
-    nv [B,Fv,h,w,C], na [B,Fa,C] noise → clean ends of the same shapes."""
-    b, fv, fa = nv.shape[0], nv.shape[1], na.shape[1]
-    lay = BlockLayout.from_counts(fv, fa)
-    vid = torch.as_tensor(lay.video_block_ids(), device=nv.device)
-    aid = torch.as_tensor(lay.audio_block_ids(), device=na.device)
-    g = torch.Generator().manual_seed(FUTURE_NOISE_SEED)
-    zv = flow.randn(nv.shape[1:], g, nv.device, nv.dtype).expand_as(nv)
-    za = flow.randn(na.shape[1:], g, na.device, na.dtype).expand_as(na)
-    ev, ea = nv.clone(), na.clone()
-    for k in range(lay.num_blocks):
-        bv, ba = vid == k, aid == k  # [Fv], [Fa]: the block being made
-        xv = torch.where(_bcast(vid > k, nv), zv, ev).clone()
-        xa = torch.where(_bcast(aid > k, na), za, ea).clone()
-        xv[:, bv], xa[:, ba] = nv[:, bv], na[:, ba]
-        for s, s2 in zip(table[:-1].tolist(), table[1:].tolist(), strict=True):
-            sv = torch.where(bv, s, torch.where(vid > k, 1.0, CLEAN_PAST_SIGMA)).expand(b, fv)
-            sa = torch.where(ba, s, torch.where(aid > k, 1.0, CLEAN_PAST_SIGMA)).expand(b, fa)
-            vv, va = velocity(xv, xa, sv.float(), sa.float())
-            xv[:, bv] += (s2 - s) * vv[:, bv].to(xv.dtype)
-            xa[:, ba] += (s2 - s) * va[:, ba].to(xa.dtype)
-        ev[:, bv], ea[:, ba] = xv[:, bv], xa[:, ba]
-    return ev, ea
-
-
-def _bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-frame mask [F] shaped to broadcast over `like` [B, F, ...]."""
-    return mask.view(1, -1, *([1] * (like.dim() - 2)))
 
 
 class TeacherScorer:
@@ -220,14 +156,12 @@ class TeacherScorer:
         scales: Sequence[float],
         seed: int,
         gpus: float = 0.0,
-        causal: bool = False,
     ) -> None:
         from pipeline.distill.roles import load_actor_teacher
 
         self.bundle = load_actor_teacher(teacher, gpus)  # frozen; device/dtype from `gpus`
         self.sigmas, self.steps = list(sigmas), steps
         self.scales, self.seed = (float(scales[0]), float(scales[1])), seed
-        self.causal = causal
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         keys = [str(k) for k in batch["key"]]
@@ -243,7 +177,6 @@ class TeacherScorer:
             self.scales,
             self.bundle.guide,
             self.bundle.stagger,
-            self.causal,
         )
         out = dict(batch)
         out["traj_video"] = traj_v.float().cpu().numpy()
@@ -268,7 +201,6 @@ def score_dataset(ds: Any, cfg: Any) -> Any:
             "scales": [d.ode_cfg_video, d.ode_cfg_audio],
             "seed": cfg.train.seed,
             "gpus": d.actor_gpus,
-            "causal": d.teacher_trajectory == "causal",
         },
         compute=ActorPoolStrategy(size=d.actors),
         num_cpus=d.actor_cpus,

@@ -1,8 +1,8 @@
 """Trajectory shards: the teacher's ODE rows cached as webdataset tars of `<key>.safetensors` +
 `<key>.json` under `<root>/teacher-<fingerprint>/data-<tag>/sigmas-<list>-steps<N>-cfg<v>_<a>/`,
 written atomically, so a repeated or resumed job reuses them, and a change of teacher weights,
-guide, dataset (its path and index), seed (it picks each row's noise), student σ, teacher steps,
-CFG scales or trajectory kind writes new ones. Never pickles."""
+guide, dataset (its path and index), seed (it picks each row's noise), student σ, teacher steps
+or CFG scales writes new ones. Never pickles."""
 
 from __future__ import annotations
 
@@ -55,10 +55,8 @@ def teacher_fingerprint(ref: str | os.PathLike) -> str:
 
 
 def sampler_tag(distill: Any) -> str:
-    """The teacher sampler settings the ODE rows depend on: `steps<N>-cfg<video>_<audio>`, and
-    `-causal` for block-by-block ends (`distill.teacher_trajectory`)."""
-    tag = f"steps{distill.teacher_steps}-cfg{distill.ode_cfg_video:g}_{distill.ode_cfg_audio:g}"
-    return tag + ("-causal" if distill.teacher_trajectory == "causal" else "")
+    """The teacher sampler settings the ODE rows depend on: `steps<N>-cfg<video>_<audio>`."""
+    return f"steps{distill.teacher_steps}-cfg{distill.ode_cfg_video:g}_{distill.ode_cfg_audio:g}"
 
 
 def data_tag(cfg: Any) -> str:

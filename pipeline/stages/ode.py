@@ -125,7 +125,6 @@ class OdeStage:
                 (d.ode_cfg_video, d.ode_cfg_audio),
                 self.teacher.guide,
                 self.teacher.stagger,
-                d.teacher_trajectory == "causal",
             )
             for j, i in enumerate(todo):  # fp32 ODE states → the student's compute dtype
                 self._traj[keys[i]] = (tv[j].to(ctx.dtype), ta[j].to(ctx.dtype), sig)
