@@ -34,17 +34,22 @@ __all__ = ["GraphedStream"]
 class _Static:
     """Inputs of one block shape (prefix or regular) at fixed addresses."""
 
-    def __init__(self, video, audio, sigma_v, sigma_a, rope: RopeTables) -> None:
+    def __init__(self, video, audio, sigma_v, sigma_a, rope: RopeTables, ahead=None) -> None:
         self.video, self.audio = video.clone(), audio.clone()
         self.sigma_v, self.sigma_a = sigma_v.clone(), sigma_a.clone()
         self.rope = rope.clone()
         self.rope_block = -1  # block whose tables are loaded
+        # A noise_lookahead student's next-block noise (None for the others).
+        self.ahead = None if ahead is None else (ahead[0].clone(), ahead[1].clone())
 
-    def load(self, video, audio, sigma_v, sigma_a, block: int, rope: RopeTables) -> None:
+    def load(self, video, audio, sigma_v, sigma_a, block: int, rope: RopeTables, ahead) -> None:
         self.video.copy_(video)
         self.audio.copy_(audio)
         self.sigma_v.copy_(sigma_v)
         self.sigma_a.copy_(sigma_a)
+        if self.ahead is not None:
+            self.ahead[0].copy_(ahead[0])
+            self.ahead[1].copy_(ahead[1])
         if block != self.rope_block:  # once per block, not per call
             self.rope.copy_(rope)
             self.rope_block = block
@@ -109,7 +114,7 @@ class GraphedStream:
         return self.cache
 
     @torch.no_grad()
-    def forward_block(self, video, audio, sigma_v, sigma_a, block, cache, commit=False):
+    def forward_block(self, video, audio, sigma_v, sigma_a, block, cache, commit=False, ahead=None):
         """`AVDiT.forward_block` through the static buffers (a replay once the shape is seen).
 
         The returned tensors are overwritten by the next call: use them before calling again."""
@@ -117,9 +122,9 @@ class GraphedStream:
             raise ValueError("GraphedStream.forward_block needs the cache from its own reset()")
         rope, sinks = self.model.block_setup(video, audio, block, cache)
         if sinks not in self._static:
-            self._static[sinks] = _Static(video, audio, sigma_v, sigma_a, rope)
+            self._static[sinks] = _Static(video, audio, sigma_v, sigma_a, rope, ahead)
         st = self._static[sinks]
-        st.load(video, audio, sigma_v, sigma_a, block, rope)
+        st.load(video, audio, sigma_v, sigma_a, block, rope, ahead)
         cache.begin(st.rope, commit)
         # What a graph bakes in: the block shape and the cache's read lengths / write offsets.
         key = (sinks, cache.filled["v"], cache.filled["a"])
@@ -136,7 +141,9 @@ class GraphedStream:
         return out
 
     def _body(self, st: _Static, sinks: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model._run(st.video, st.audio, st.sigma_v, st.sigma_a, sinks, self.cache)
+        return self.model._run(
+            st.video, st.audio, st.sigma_v, st.sigma_a, sinks, self.cache, st.ahead
+        )
 
     def _warm_and_capture(self, key, st: _Static, sinks: bool):
         """Run this call eagerly on a side stream (its result is this call's answer and the warm-up
