@@ -33,7 +33,6 @@ import torch
 from data.sync import clip_row
 from model import BlockLayout, flow
 from model.bundle import Bundle
-from model.layout import next_block_noise
 from model.sampling import decode_clip
 from pipeline.distill.trajectory_shards import read_trajectory_shards
 from pipeline.evaluate import TOL_S, EvalClip, evaluate
@@ -51,9 +50,6 @@ def chain(bundle: Bundle, row: dict, mode: str, seed: int) -> tuple[torch.Tensor
     lay = BlockLayout.from_counts(tv.shape[1], ta.shape[1])
     vid, aid = torch.as_tensor(lay.video_block_ids()), torch.as_tensor(lay.audio_block_ids())
     g = torch.Generator().manual_seed(seed)
-    ahead = None
-    if bundle.model.cfg.noise_lookahead:  # the row's noise, one block ahead
-        ahead = next_block_noise(tv[0][None], ta[0][None])
     own = mode == "own"
     out_v, out_a = tv[0].clone(), ta[0].clone()  # the clip being written
     start = int(mode.split("@")[1]) if "@" in mode else 0
@@ -68,7 +64,7 @@ def chain(bundle: Bundle, row: dict, mode: str, seed: int) -> tuple[torch.Tensor
             xv[mv], xa[ma] = bv, ba
             sv = torch.where(vid < k, 0.0, torch.where(mv, s, 1.0))[None]
             sa = torch.where(aid < k, 0.0, torch.where(ma, s, 1.0))[None]
-            vv, va = bundle.model(xv[None], xa[None], sv, sa, emb, mask, ahead=ahead)
+            vv, va = bundle.model(xv[None], xa[None], sv, sa, emb, mask)
             pv = flow.x0_from_velocity(xv[None], vv, sv)[0]
             pa = flow.x0_from_velocity(xa[None], va, sa)[0]
             return pv[mv], pa[ma]

@@ -40,9 +40,6 @@ class ModelConfig:
     causal: bool = False  # True: block-causal student with audio sinks; False: bidirectional
     num_sinks: int = 16  # learnable audio sink tokens (used only when causal)
     input_skip: bool = False  # gated linear input→output skip per stream (helps wide tokens)
-    # Causal student: each latent also sees the noise its next block starts from (drawn one block
-    # ahead when streaming), the input a joint teacher's sample of this block depends on.
-    noise_lookahead: bool = False
     # Training-forward masks: "sdpa" = dense bool masks; "flex" = FlexAttention block masks
     # (compiled on CUDA, where skipping fully-masked tiles pays off at LTX-2 token counts).
     attention: str = "sdpa"

@@ -42,16 +42,10 @@ def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
 class _StreamIO(nn.Module):
     """Per-stream input projection, timestep embeddings, caption projection and output head."""
 
-    def __init__(
-        self, token_dim: int, width: int, text_dim: int, skip: bool, ahead: bool = False
-    ) -> None:
+    def __init__(self, token_dim: int, width: int, text_dim: int, skip: bool) -> None:
         super().__init__()
         self.width = width
         self.patchify = nn.Linear(token_dim, width)
-        if ahead:  # next block's noise → the token (zero-initialised: starts as the teacher)
-            self.ahead = nn.Linear(token_dim, width)
-            for p in self.ahead.parameters():
-                nn.init.zeros_(p)
         self.time = _mlp(256, width, 6 * width)  # main AdaLN (6 vectors per layer)
         self.cross_time = _mlp(256, width, 5 * width)  # cross-modal AdaLN (4 + gate)
         self.out_time = _mlp(256, width, 2 * width)
@@ -118,13 +112,8 @@ class AVDiT(nn.Module):
             self.video_io = LTX2StreamIO(cfg.video_token_dim, v.width, half, cfg)
             self.audio_io = LTX2StreamIO(a.latent_channels, a.width, half, cfg)
         else:
-            look = cfg.noise_lookahead
-            self.video_io = _StreamIO(
-                cfg.video_token_dim, v.width, cfg.text_dim, cfg.input_skip, look
-            )
-            self.audio_io = _StreamIO(
-                a.latent_channels, a.width, cfg.text_dim, cfg.input_skip, look
-            )
+            self.video_io = _StreamIO(cfg.video_token_dim, v.width, cfg.text_dim, cfg.input_skip)
+            self.audio_io = _StreamIO(a.latent_channels, a.width, cfg.text_dim, cfg.input_skip)
         self.layers = nn.ModuleList(
             AVLayer(v.width, v.heads, a.width, a.heads, cfg.ffn_mult, ltx2)
             for _ in range(cfg.layers)
@@ -149,18 +138,12 @@ class AVDiT(nn.Module):
         return x.reshape(b, f, h, w, c)
 
     # ---- the shared trunk -------------------------------------------------------------------
-    def _run(self, video, audio, sigma_v, sigma_a, with_sinks: bool, ctx, ahead=None):
-        """video [B,Fv,h,w,C], audio [B,Fa,C] → velocities of the same shapes. `ahead`: the
-        next block's noise beside each latent (`layout.next_block_noise`), same shapes."""
+    def _run(self, video, audio, sigma_v, sigma_a, with_sinks: bool, ctx):
+        """video [B,Fv,h,w,C], audio [B,Fa,C] → velocities of the same shapes."""
         vin = self.patchify(video)  # [B, Fv, Nv, Tv]
         ain = audio[:, :, None]  # [B, Fa, 1, Ca]
         vx = self.video_io.patchify(vin)
         ax = self.audio_io.patchify(ain)
-        if self.cfg.noise_lookahead:
-            if ahead is None:
-                raise ValueError("a noise_lookahead model needs `ahead` (the next block's noise)")
-            vx = vx + self.video_io.ahead(self.patchify(ahead[0]))
-            ax = ax + self.audio_io.ahead(ahead[1][:, :, None])
         vfeat, vmod, vcm = self.video_io.embed(sigma_v)
         if with_sinks:  # sinks take A0's timestep; they are frames of their own in audio
             s = self.cfg.sinks
@@ -198,10 +181,8 @@ class AVDiT(nn.Module):
         text_emb: torch.Tensor,
         text_mask: torch.Tensor | None = None,
         windows: tuple[int | None, int | None] = (None, None),
-        ahead: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-sequence forward → (vel_v [B,Fv,h,w,Cv], vel_a [B,Fa,Ca]). `ahead`: a
-        `noise_lookahead` student's next-block noise (`layout.next_block_noise` of the clip's)."""
+        """Full-sequence forward → (vel_v [B,Fv,h,w,Cv], vel_a [B,Fa,Ca])."""
         cfg = self.cfg
         fv, fa = video.shape[1], audio.shape[1]
         dev = video.device
@@ -217,7 +198,7 @@ class AVDiT(nn.Module):
             )
         tv, ta = self.project_text(text_emb)
         ctx = FullContext(rope, masks, tv, ta, text_mask)
-        return self._run(video, audio, sigma_v, sigma_a, sinks > 0, ctx, ahead)
+        return self._run(video, audio, sigma_v, sigma_a, sinks > 0, ctx)
 
     # ---- streaming --------------------------------------------------------------------------
     def new_cache(
@@ -253,16 +234,14 @@ class AVDiT(nn.Module):
         block: int,
         cache: KVCache,
         commit: bool = False,
-        ahead: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One block's latents against the cache. `commit=True` (the σ = 0 call) writes the cache.
-        `ahead`: a `noise_lookahead` student's next-block noise beside this block's latents.
 
         video [B, n_v, h, w, C], audio [B, n_a, C] with n = 1 for block 0, else 3 / 25.
         """
         rope, sinks = self.block_setup(video, audio, block, cache)
         cache.begin(rope, commit)
-        out = self._run(video, audio, sigma_v, sigma_a, sinks, cache, ahead)
+        out = self._run(video, audio, sigma_v, sigma_a, sinks, cache)
         if commit:
             cache.advance()
         return out

@@ -34,22 +34,17 @@ __all__ = ["GraphedStream"]
 class _Static:
     """Inputs of one block shape (prefix or regular) at fixed addresses."""
 
-    def __init__(self, video, audio, sigma_v, sigma_a, rope: RopeTables, ahead=None) -> None:
+    def __init__(self, video, audio, sigma_v, sigma_a, rope: RopeTables) -> None:
         self.video, self.audio = video.clone(), audio.clone()
         self.sigma_v, self.sigma_a = sigma_v.clone(), sigma_a.clone()
         self.rope = rope.clone()
         self.rope_block = -1  # block whose tables are loaded
-        # A noise_lookahead student's next-block noise (None for the others).
-        self.ahead = None if ahead is None else (ahead[0].clone(), ahead[1].clone())
 
-    def load(self, video, audio, sigma_v, sigma_a, block: int, rope: RopeTables, ahead) -> None:
+    def load(self, video, audio, sigma_v, sigma_a, block: int, rope: RopeTables) -> None:
         self.video.copy_(video)
         self.audio.copy_(audio)
         self.sigma_v.copy_(sigma_v)
         self.sigma_a.copy_(sigma_a)
-        if self.ahead is not None:
-            self.ahead[0].copy_(ahead[0])
-            self.ahead[1].copy_(ahead[1])
         if block != self.rope_block:  # once per block, not per call
             self.rope.copy_(rope)
             self.rope_block = block
@@ -114,7 +109,7 @@ class GraphedStream:
         return self.cache
 
     @torch.no_grad()
-    def forward_block(self, video, audio, sigma_v, sigma_a, block, cache, commit=False, ahead=None):
+    def forward_block(self, video, audio, sigma_v, sigma_a, block, cache, commit=False):
         """`AVDiT.forward_block` through the static buffers (a replay once the shape is seen).
 
         The returned tensors are overwritten by the next call: use them before calling again."""
@@ -122,9 +117,9 @@ class GraphedStream:
             raise ValueError("GraphedStream.forward_block needs the cache from its own reset()")
         rope, sinks = self.model.block_setup(video, audio, block, cache)
         if sinks not in self._static:
-            self._static[sinks] = _Static(video, audio, sigma_v, sigma_a, rope, ahead)
+            self._static[sinks] = _Static(video, audio, sigma_v, sigma_a, rope)
         st = self._static[sinks]
-        st.load(video, audio, sigma_v, sigma_a, block, rope, ahead)
+        st.load(video, audio, sigma_v, sigma_a, block, rope)
         cache.begin(st.rope, commit)
         # What a graph bakes in: the block shape and the cache's read lengths / write offsets.
         key = (sinks, cache.filled["v"], cache.filled["a"])
@@ -141,9 +136,7 @@ class GraphedStream:
         return out
 
     def _body(self, st: _Static, sinks: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model._run(
-            st.video, st.audio, st.sigma_v, st.sigma_a, sinks, self.cache, st.ahead
-        )
+        return self.model._run(st.video, st.audio, st.sigma_v, st.sigma_a, sinks, self.cache)
 
     def _warm_and_capture(self, key, st: _Static, sinks: bool):
         """Run this call eagerly on a side stream (its result is this call's answer and the warm-up

@@ -71,34 +71,6 @@ class BlockLayout:
         f = torch.arange(self.num_audio)
         return torch.where(f == 0, 0, 1 + (f - 1) // self.audio_block)
 
-    def ahead_ids(self, audio: bool = False) -> torch.Tensor:
-        """[num_video] (or [num_audio]) for every latent, the latent of the **next** block at the
-        same place in its block (block 0's lone latent: block 1's first), −1 in the last block.
-        A student with `noise_lookahead` sees that latent's noise (`next_block_noise`)."""
-        n, step = (
-            (self.num_audio, self.audio_block) if audio else (self.num_video, self.video_block)
-        )
-        f = torch.arange(n)
-        nxt = torch.where(f == 0, 1, f + step)
-        return torch.where(nxt < n, nxt, -1)
-
     def _check(self, k: int) -> None:
         if not 0 <= k < self.num_blocks:
             raise IndexError(f"block {k} out of range for a layout of {self.num_blocks} blocks")
-
-
-def next_block_noise(
-    noise_v: torch.Tensor, noise_a: torch.Tensor, video_block: int = 3, audio_block: int = 25
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a `noise_lookahead` student sees beside each latent: the noise its next block starts
-    from, at the same place in that block (`BlockLayout.ahead_ids`), zeros in the last block.
-
-    noise_v [B, Fv, h, w, C], noise_a [B, Fa, C] (a whole clip's σ = 1 draw) → the same shapes."""
-    lay = BlockLayout.from_counts(noise_v.shape[1], noise_a.shape[1], video_block, audio_block)
-    out = []
-    for x, ids in ((noise_v, lay.ahead_ids()), (noise_a, lay.ahead_ids(audio=True))):
-        ids = ids.to(x.device)
-        got = x.index_select(1, ids.clamp(min=0))
-        keep = (ids >= 0).view(1, -1, *([1] * (x.dim() - 2)))
-        out.append(torch.where(keep, got, torch.zeros((), dtype=x.dtype, device=x.device)))
-    return out[0], out[1]

@@ -60,10 +60,6 @@ class LTX2StreamIO(nn.Module):
         self.width = width
         self.gate_scale = cfg.cross_gate_timestep_scale
         self.patchify = nn.Linear(token_dim, width)
-        if cfg.noise_lookahead:  # an OmniForcing student's addition, as in model.dit._StreamIO
-            self.ahead = nn.Linear(token_dim, width)
-            for p in self.ahead.parameters():
-                nn.init.zeros_(p)
         self.time = AdaLayerNormSingle(width, 6)
         self.cross_time = AdaLayerNormSingle(width, 4)
         self.cross_gate = AdaLayerNormSingle(width, 1)

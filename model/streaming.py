@@ -58,44 +58,26 @@ def rollout_blocks(
     layout = BlockLayout(seconds, cfg.video_block_latents, cfg.audio_block_latents)
     p = next(model.parameters())
     h, w = cfg.video_latent_hw
-
-    def draw(k: int) -> tuple[torch.Tensor, torch.Tensor]:  # block k's σ = 1 noise
-        (v0, v1), (a0, a1) = layout.video_range(k), layout.audio_range(k)
-        shape_v = (batch, v1 - v0, h, w, cfg.video.latent_channels)
-        nv = flow.randn(shape_v, generator, p.device, p.dtype)
-        return nv, flow.randn(
-            (batch, a1 - a0, cfg.audio.latent_channels), generator, p.device, p.dtype
-        )
-
-    look = cfg.noise_lookahead  # the next block's noise is drawn before this block is made
-    upcoming = draw(0) if look else None
     for k in range(layout.num_blocks):
-        noise_v, noise_a = upcoming if look else draw(k)
-        nv, na = noise_v.shape[1], noise_a.shape[1]
-        ahead = None
-        if look:
-            last = k + 1 == layout.num_blocks
-            upcoming = None if last else draw(k + 1)
-            # Beside each latent, the next block's at the same place (block 0: its first).
-            ahead = (
-                (torch.zeros_like(noise_v), torch.zeros_like(noise_a))
-                if last
-                else (upcoming[0][:, :nv], upcoming[1][:, :na])
-            )
+        v0, v1 = layout.video_range(k)
+        a0, a1 = layout.audio_range(k)
+        nv, na = v1 - v0, a1 - a0
+        noise_v = flow.randn(
+            (batch, nv, h, w, cfg.video.latent_channels), generator, p.device, p.dtype
+        )
+        noise_a = flow.randn((batch, na, cfg.audio.latent_channels), generator, p.device, p.dtype)
 
-        def predict_x0(xv, xa, s, k=k, nv=nv, na=na, ahead=ahead):
+        def predict_x0(xv, xa, s, k=k, nv=nv, na=na):
             sv = torch.full((batch, nv), s, device=p.device)
             sa = torch.full((batch, na), s, device=p.device)
-            vel_v, vel_a = model.forward_block(xv, xa, sv, sa, k, cache, ahead=ahead)
+            vel_v, vel_a = model.forward_block(xv, xa, sv, sa, k, cache)
             return flow.x0_from_velocity(xv, vel_v, s), flow.x0_from_velocity(xa, vel_a, s)
 
         x0v, x0a = flow.few_step(predict_x0, noise_v, noise_a, sigmas, generator, exit_step)
         with torch.no_grad():  # commit the clean block (context noise 0), detached
             zv = torch.zeros(batch, nv, device=p.device)
             za = torch.zeros(batch, na, device=p.device)
-            model.forward_block(
-                x0v.detach(), x0a.detach(), zv, za, k, cache, commit=True, ahead=ahead
-            )
+            model.forward_block(x0v.detach(), x0a.detach(), zv, za, k, cache, commit=True)
         yield k, x0v, x0a
 
 

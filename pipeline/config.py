@@ -40,8 +40,6 @@ class ModelSection(_Strict):
     preset: Literal["tiny", "demo", "ltx2"] = "tiny"  # named model.config preset
     causal: bool | None = None  # None: the stage decides (teacher False, student True)
     num_sinks: int | None = Field(default=None, ge=0)  # audio sink tokens (student only)
-    # Student only: each latent also sees its next block's noise (model.ModelConfig).
-    noise_lookahead: bool = False
     overrides: dict[str, Any] = {}  # any ModelConfig field, nested for video/audio
 
     @model_validator(mode="after")

@@ -109,8 +109,7 @@ def role_config(kind: RoleKind, teacher_cfg: Any, cfg: JobConfig) -> Any:
     if kind != "student":
         return teacher_cfg.replace(causal=False)
     sinks = cfg.model.num_sinks if cfg.model.num_sinks is not None else teacher_cfg.num_sinks
-    look = cfg.model.noise_lookahead
-    return teacher_cfg.replace(causal=True, num_sinks=sinks, noise_lookahead=look)
+    return teacher_cfg.replace(causal=True, num_sinks=sinks)
 
 
 def build_role(
@@ -130,27 +129,15 @@ def build_role(
     return net if entry.trainable else _freeze(net)
 
 
-def fresh_keys(model_cfg: Any) -> set[str]:
-    """The weights a student may start without (a teacher has none of them): its audio sink
-    tokens and, with `noise_lookahead`, the zero-initialised projections of the noise ahead."""
-    keys = {SINK_KEY} if model_cfg.sinks else set()
-    if model_cfg.noise_lookahead:
-        keys |= {f"{s}_io.ahead.{p}" for s in ("video", "audio") for p in ("weight", "bias")}
-    return keys
-
-
 def load_from_teacher(net: AVDiT, state: dict[str, torch.Tensor], where: str) -> None:
-    """Copy weights (teacher's, or a student's); only `fresh_keys` may be missing."""
-    allowed = fresh_keys(net.cfg)
+    """Copy weights (teacher's, or a student's); only the audio sink tokens may be missing."""
+    allowed = {SINK_KEY} if net.cfg.sinks else set()
     missing, unexpected = net.load_state_dict(state, strict=False)
     bad = sorted(set(missing) - allowed)
     if bad or unexpected:
-        hint = ""
-        if any(".ahead." in k for k in unexpected):
-            hint = "; the weights are a noise_lookahead student's: set model.noise_lookahead true"
         raise ValueError(
             f"{where}: teacher weights do not fit — missing {bad[:8]}, unexpected "
-            f"{sorted(unexpected)[:8]} (only {sorted(allowed)} may be missing){hint}"
+            f"{sorted(unexpected)[:8]} (only {sorted(allowed)} may be missing)"
         )
 
 

@@ -75,9 +75,9 @@ def build_role(
 def fill_partitions(net: AVDiT, state: Mapping[str, torch.Tensor], where: str) -> None:
     """Copy this rank's elements of each tensor of `state` into `net`'s ZeRO-3 partitions.
 
-    Same key rules as `roles.load_from_teacher`: only `roles.fresh_keys` may be missing;
-    unexpected or mis-shaped keys are an error naming them."""
-    allowed = roles.fresh_keys(net.cfg)
+    Same key rules as `roles.load_from_teacher`: only the audio sinks may be missing; unexpected
+    or mis-shaped keys are an error naming them."""
+    allowed = {roles.SINK_KEY} if net.cfg.sinks else set()
     params = dict(net.named_parameters())
     missing = sorted(set(params) - set(state) - allowed)
     unexpected = sorted(set(state) - set(params))

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from model import BlockLayout, flow
-from model.layout import next_block_noise
 from pipeline.distill import dmd, roles, sharded
 from pipeline.distill.trajectories import row_seed, teacher_trajectory
 from pipeline.parallelize import Ema, make_engine
@@ -141,11 +140,7 @@ class OdeStage:
         xv, xa, sv, sa = block_points(tv, ta, sig, g, ctx.cfg.distill.ode_clean_context)
         with torch.no_grad():
             emb, mask = self.teacher.text_encoder([str(c) for c in batch["caption"]])
-        ahead = None
-        if ctx.cfg.model.noise_lookahead:  # the row's own noise (trajectory point σ 1)
-            ahead = next_block_noise(tv[:, 0], ta[:, 0])
-        emb = emb.to(ctx.dtype)
-        vel_v, vel_a = net(xv, xa, sv.to(ctx.dtype), sa.to(ctx.dtype), emb, mask, ahead=ahead)
+        vel_v, vel_a = net(xv, xa, sv.to(ctx.dtype), sa.to(ctx.dtype), emb.to(ctx.dtype), mask)
         x0v = flow.x0_from_velocity(xv, vel_v, sv)
         x0a = flow.x0_from_velocity(xa, vel_a, sa)
         return dmd.ode_loss(x0v, tv[:, -1], sv), dmd.ode_loss(x0a, ta[:, -1], sa)
