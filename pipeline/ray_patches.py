@@ -17,11 +17,9 @@ treats "no answer" as "unknown" (the cleaner's existing retry path) and only `DE
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
-import sys
 from types import ModuleType
-from typing import Any
+
+from pipeline.after_import import after_import
 
 CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
@@ -65,37 +63,6 @@ def patch_module(module: ModuleType) -> None:
         module.is_actor_alive = guarded_is_actor_alive
 
 
-class _Loader(importlib.abc.Loader):
-    def __init__(self, inner: importlib.abc.Loader) -> None:
-        self.inner = inner
-
-    def create_module(self, spec: Any) -> ModuleType | None:
-        return self.inner.create_module(spec)
-
-    def exec_module(self, module: ModuleType) -> None:
-        self.inner.exec_module(module)
-        patch_module(module)
-
-
-class _Finder(importlib.abc.MetaPathFinder):
-    """Wraps the real loader of the cleaner module only; every other import is untouched."""
-
-    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != CLEANER:
-            return None
-        sys.meta_path.remove(self)  # find the real spec without recursing into ourselves
-        try:
-            spec = importlib.util.find_spec(name)
-        finally:
-            sys.meta_path.insert(0, self)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _Loader(spec.loader)
-        return spec
-
-
 def install() -> None:
-    """Idempotent; patches at once if the cleaner module is already imported."""
-    if CLEANER in sys.modules:
-        patch_module(sys.modules[CLEANER])
-    if not any(isinstance(f, _Finder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _Finder())
+    """Patches at once if the cleaner module is already imported, else when it is."""
+    after_import(CLEANER, patch_module)

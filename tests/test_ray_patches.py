@@ -19,10 +19,12 @@ def run(code: str) -> str:
 def test_cleaner_imported_after_install_uses_the_guard():
     out = run(
         """
-        from pipeline import ray_patches
+        from pipeline import after_import, ray_patches
         ray_patches.install(); ray_patches.install()  # idempotent
         import sys
-        assert sum(isinstance(f, ray_patches._Finder) for f in sys.meta_path) == 1
+        assert "torch" not in sys.modules  # the setup hook of every Ray worker stays light
+        assert sum(isinstance(f, after_import._Finder) for f in sys.meta_path) == 1
+        assert len(after_import._PENDING[ray_patches.CLEANER]) == 1
         from ray.train.v2._internal.execution.controller import placement_group_cleaner as m
         print(m.is_actor_alive is ray_patches.guarded_is_actor_alive)
         """
