@@ -7,6 +7,10 @@ through the later noise, which a causal student never sees, so that change is wh
 regression can only average over.
 
     python -m benchmarks.future_noise --trajectories DIR [--clips 3] [--teacher shipped]
+        [--steps 120] [--cfg 3 5]
+
+The sampler is the one the rows were written with (`teacher_trajectory`): the teacher's Δ, its
+σ table at `--steps` forwards shifted for the clip's token count, CFG `--cfg` video, audio.
 """
 
 from __future__ import annotations
@@ -28,26 +32,25 @@ def main() -> None:
     ap.add_argument("--teacher", default="shipped", help="the teacher that wrote them")
     ap.add_argument("--clips", type=int, default=3)
     ap.add_argument("--steps", type=int, default=120, help="the rows' teacher forwards")
+    ap.add_argument("--cfg", type=float, nargs=2, default=(3.0, 5.0), help="the rows' CFG")
     args = ap.parse_args()
     torch.set_num_threads(2)
     b = load_teacher(args.teacher)
     rows = list(read_trajectory_shards(args.trajectories))[: args.clips]
-    table = flow.staggered_table(args.steps, b.stagger, 4096) if b.stagger else None
-    table = flow.ltx2_sigmas(args.steps, 4096) if table is None else table
     change: dict[tuple[int, int], list[float]] = {}
     with torch.no_grad():
         for i, row in enumerate(rows):
             tv, ta = torch.as_tensor(row["traj_video"]), torch.as_tensor(row["traj_audio"])
             nv, na = tv[0][None].float(), ta[0][None].float()  # σ 1: the row's noise
             lay = BlockLayout.from_counts(nv.shape[1], na.shape[1])
-            vid = torch.as_tensor(lay.video_block_ids())
-            aid = torch.as_tensor(lay.audio_block_ids())
+            vid, aid = lay.video_block_ids(), lay.audio_block_ids()
+            n_tokens = nv.shape[1] * b.model.cfg.video_tokens_per_frame + na.shape[1]
+            table = flow.staggered_table(args.steps, b.stagger, n_tokens)  # Δ 0: ltx2_sigmas
             cap = [str(row["caption"])]
-            vel = frame_velocity(
-                b.model, b.text_encoder(cap), b.text_encoder([""]), (3.0, 5.0), bind(b.guide, cap)
-            )
+            text, null = b.text_encoder(cap), b.text_encoder([""])
+            vel = frame_velocity(b.model, text, null, tuple(args.cfg), bind(b.guide, cap))
 
-            def sample(xv, xa, vel=vel):
+            def sample(xv, xa, vel=vel, table=table):
                 return flow.euler_sample_staggered(vel, xv, xa, table, b.stagger)
 
             ref, _ = sample(nv, na)
