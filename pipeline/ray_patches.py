@@ -39,7 +39,10 @@ def guarded_is_actor_alive(actor_id: str, timeout: int) -> bool:
     if state is None:
         from ray.train.v2._internal.state.util import get_actor
 
-        answer = get_actor(actor_id, timeout=timeout)
+        try:
+            answer = get_actor(actor_id, timeout=timeout)
+        except ConnectionError:  # e.g. several Ray instances on this machine: no answer either
+            answer = None
         state = None if answer is None else answer.state
     if state is None:
         raise RayStateApiException(f"no state for actor {actor_id} (treated as unknown)")

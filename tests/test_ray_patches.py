@@ -91,3 +91,20 @@ def test_liveness_comes_from_the_gcs_without_a_dashboard(ray_local):
     assert ray_patches.gcs_actor_state("not-hex") is None
     with pytest.raises(RayStateApiException):  # neither the GCS nor a state API knows it
         ray_patches.guarded_is_actor_alive("ff" * 16, 1)
+
+
+def test_a_state_api_that_cannot_pick_a_cluster_is_no_answer(monkeypatch) -> None:
+    """With several Ray instances on a machine the state API's address lookup raises
+    ConnectionError; the guard must read that as "unknown" (keep monitoring), not crash."""
+    from ray.train.v2._internal.state import util
+    from ray.util.state.exception import RayStateApiException
+
+    from pipeline import ray_patches
+
+    def ambiguous(actor_id: str, timeout: int) -> None:
+        raise ConnectionError("Found multiple active Ray instances")
+
+    monkeypatch.setattr(ray_patches, "gcs_actor_state", lambda actor_id: None)
+    monkeypatch.setattr(util, "get_actor", ambiguous)
+    with pytest.raises(RayStateApiException, match="unknown"):
+        ray_patches.guarded_is_actor_alive("ab" * 16, 1)
