@@ -1,6 +1,8 @@
 """Write (or check) requirements.lock: exact versions of every package the project installs.
 
-    python scripts/lock.py            # re-resolve pyproject's ranges → requirements.lock
+    python scripts/lock.py            # resolve pyproject's ranges → requirements.lock, keeping
+                                      # the lock's pins wherever they still fit
+    python scripts/lock.py --upgrade  # re-resolve everything to the newest versions in range
     python scripts/lock.py --check    # fail if pyproject's ranges and the lock disagree
 
 Why uv's resolver: pip's own (and so pip-tools and `pip install --dry-run --report`, which use it)
@@ -105,15 +107,28 @@ def _cpu_torch_dirs() -> list[str]:
     return sorted({d for d in dirs if any(Path(d).glob("torch-*+cpu-*.whl"))})
 
 
-def compile_lock() -> None:
+def preferences(lock_text: str) -> str:
+    """The lock as uv's preferred versions, less torch: its pin has no local label, and
+    preferring it would take PyPI's CUDA build (and its nvidia-* wheels) over the CPU wheel."""
+    return re.sub(r"^torch==[^\n]*\n", "", lock_text, flags=re.M)
+
+
+def compile_lock(upgrade: bool = False) -> None:
+    """Resolve into requirements.lock. uv prefers the versions already in its output file, so
+    seeding it with the current lock changes only what a new or narrowed range needs (adding a
+    test tool does not move torch or ray); `upgrade` drops that preference."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "lock.txt"
+        if LOCK.exists() and not upgrade:
+            out.write_text(preferences(LOCK.read_text()))
         cmd = _uv() + [
             "pip", "compile", str(ROOT / "pyproject.toml"), "--all-extras", "--no-header",
             "--python-version", PYTHON, "--python-platform", PLATFORM, "-o", str(out),
         ]  # fmt: skip
         for d in _cpu_torch_dirs():
             cmd += ["--find-links", d]
+        if upgrade:
+            cmd.append("--upgrade")
         subprocess.run(cmd, check=True)
         text = re.sub(r"^torch==([0-9.]+)\+\w+", r"torch==\1", out.read_text(), flags=re.M)
         LOCK.write_text(HEADER + text.replace(str(ROOT) + "/", ""))
@@ -123,8 +138,10 @@ def compile_lock() -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="only check the lock against pyproject")
-    if not ap.parse_args().check:
-        compile_lock()
+    ap.add_argument("--upgrade", action="store_true", help="newest versions, not the lock's pins")
+    args = ap.parse_args()
+    if not args.check:
+        compile_lock(args.upgrade)
     problems = disagreements()
     for p in problems:
         print(f"lock disagrees with pyproject: {p}", file=sys.stderr)

@@ -44,3 +44,13 @@ def test_a_line_that_is_not_an_exact_pin_is_refused(tmp_path: Path) -> None:
     bad.write_text("ray>=2.50\n")
     with pytest.raises(ValueError, match="line 1: not an exact pin"):
         lock.read_lock(bad)
+
+
+def test_the_lock_seeds_uv_with_its_pins_except_torch(tmp_path: Path) -> None:
+    # uv prefers the versions already in its output file: every pin but torch's (whose
+    # label-less pin would select PyPI's CUDA build over the CPU wheel).
+    seeded = tmp_path / "seed.txt"
+    seeded.write_text(lock.preferences(lock.LOCK.read_text()))
+    pins, kept = lock.read_lock(lock.LOCK), lock.read_lock(seeded)
+    assert "torch" in pins and "torch" not in kept
+    assert kept == {k: v for k, v in pins.items() if k != "torch"}
