@@ -233,7 +233,11 @@ class DistillSection(_Strict):
     dmd_weight_audio: float = Field(default=1.0, ge=0.0)
     min_timestep: int = Field(default=20, ge=1, le=1000)  # DMD t ~ U{min..max} → σ
     max_timestep: int = Field(default=980, ge=1, le=1000)
-    loss_scope: Literal["every_block", "last_block"] = "last_block"  # V1: last block only
+    # V1: DMD and critic on the last block only. Our rollout is V2's (gradient at each block's
+    # exit step, committed caches detached), so under last_block the earlier blocks' outputs get
+    # no gradient; every_block (V2) reaches them. 240 steps of it held the ODE student's sync and
+    # did not lift it (RESULTS, session 20), so the V1 default stays.
+    loss_scope: Literal["every_block", "last_block"] = "last_block"
     prefix: Literal["generated", "clean_from_teacher"] = "clean_from_teacher"  # block 0 source
     grad_norm_every: int = Field(default=1, ge=0)  # per-modality grad norms; 0 disables
 
