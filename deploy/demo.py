@@ -44,9 +44,21 @@ def demo(
     teacher_steps: Annotated[
         int | None, typer.Option(min=1, help="Override the scratch teacher's train.steps.")
     ] = None,
-    clips: Annotated[int, typer.Option(min=2, help="Synthetic clips to distil on.")] = 64,
+    clips: Annotated[int, typer.Option(min=2, help="Synthetic clips to distil on.")] = 48,
     ode_steps: Annotated[int, typer.Option(min=1)] = 150,
-    sf_steps: Annotated[int, typer.Option(min=1)] = 40,
+    sf_steps: Annotated[int, typer.Option(min=1)] = 16,
+    sf_lr: Annotated[
+        float,
+        typer.Option(min=0.0, help="Self-Forcing's learning rate (the ODE stage's: train.lr)."),
+    ] = 1e-4,
+    sf_evals: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Evaluations of the Self-Forcing student (8 clips each) after its start; the "
+            "best of them and the start is promoted. 0: none, the last step is promoted.",
+        ),
+    ] = 4,
     prompt: Annotated[str, typer.Option()] = "a small red ball moving up-left with a high ping",
     seconds: Annotated[int, typer.Option(min=1, help="Length of the streamed clip.")] = 5,
     clip: Annotated[str, typer.Option(help="Where the streamed clip goes.")] = "clip.mp4",
@@ -79,7 +91,8 @@ def demo(
         teacher_dir = roles.bundle_uri(teacher)  # `shipped` → the packaged demo teacher
         tb = roles.load_bundle_ref(teacher_dir, "--teacher")
         prepare_data(root, clips, cfg.data.seconds + 1 / 24, tb, cfg.train.seed)
-        runs = distill(cfg, teacher_dir, ode_steps, sf_steps)
+        sf = {"lr": sf_lr, "evals": sf_evals}
+        runs = distill(cfg, teacher_dir, ode_steps, sf_steps, sf)
         step("promote the student")
         promoted = promote(
             run=runs["self-forcing"], name=name, tracking_uri=os.environ["MLFLOW_TRACKING_URI"],
@@ -101,6 +114,7 @@ def summarise(summary: dict[str, Any], root: Path, clip: Path, wall_s: float) ->
     rows = [
         ("MLflow", os.environ["MLFLOW_TRACKING_URI"] + f"  (parent run {runs['parent']})"),
         ("model", f"{promoted['uri']} = version {promoted['version']}"),
+        ("promoted", str(promoted.get("description", ""))),
         ("clip", f"{clip.resolve()}  ({stats.get('frames')} frames)"),
         ("time to first chunk", f"{stats.get('ttfc_s', 0):.2f} s"),
         ("real-time factor", f"{stats.get('rtf', 0):.2f}×"),

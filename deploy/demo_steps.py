@@ -15,6 +15,9 @@ from typing import Any
 from rich.console import Console
 
 console = Console()
+# The final comparison's prompts and seeds (clip i: 1000 + i), apart from the Self-Forcing
+# stage's fidelity set (train.fidelity.seed, 10000 + i) that picks the promoted step.
+EVAL_SEED = 1000
 
 
 def step(title: str) -> None:
@@ -73,8 +76,11 @@ def train_teacher(
     return str(bundle_dir(f"runs:/{run_id}/bundle", dst=root / "teacher"))
 
 
-def distill(cfg: Any, teacher_ref: str, ode_steps: int, sf_steps: int) -> dict[str, str]:
-    """Run `ode` then `self-forcing` (initialised from the ODE student) under one parent run."""
+def distill(
+    cfg: Any, teacher_ref: str, ode_steps: int, sf_steps: int, sf: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """Run `ode` then `self-forcing` (initialised from the ODE student) under one parent run;
+    `sf`: `stage_config`'s Self-Forcing options (lr, evals, eval_clips)."""
     from pipeline import tracking
     from pipeline.commands import progress_from_mlflow
     from pipeline.config import validate
@@ -91,17 +97,27 @@ def distill(cfg: Any, teacher_ref: str, ode_steps: int, sf_steps: int) -> dict[s
     with tracking.run_status(client, parent):  # FINISHED, FAILED or KILLED in MLflow
         for stage, steps in (("ode", ode_steps), ("self-forcing", sf_steps)):
             step(f"train {stage} ({steps} steps)")
-            stage_cfg = validate(stage_config(base, stage, steps, runs.get("ode")))
+            stage_cfg = validate(stage_config(base, stage, steps, runs.get("ode"), **(sf or {})))
             with progress_from_mlflow(stage_cfg, stage):
                 runs[stage] = run_stage(stage_cfg, stage, parent_run=parent).run_id
     return runs
 
 
 def stage_config(
-    base: dict[str, Any], stage: str, steps: int, ode_run: str | None = None
+    base: dict[str, Any],
+    stage: str,
+    steps: int,
+    ode_run: str | None = None,
+    lr: float | None = None,
+    evals: int = 0,
+    eval_clips: int = 8,
 ) -> dict[str, Any]:
     """The demo's config of one distillation stage: `steps` optimizer steps, warm-up capped at a
-    tenth of them, Self-Forcing's student initialised from the ODE run."""
+    tenth of them. Self-Forcing: the student initialised from the ODE run, at `lr` (critic too,
+    unless the config sets `distill.critic_lr`), and — unless the config already schedules
+    `train.fidelity` — evaluated on `eval_clips` fixed prompts at its start and `evals` times
+    after, so `promote` registers the best of those (the start included: a Self-Forcing stage
+    that only makes its student worse promotes the ODE student it began from)."""
     d = json.loads(json.dumps(base))
     d["train"]["steps"] = steps
     # configs/demo.yaml's warm-up (100) is sized for its 2000 steps: at the demo's 40
@@ -109,6 +125,14 @@ def stage_config(
     d["train"]["warmup_steps"] = min(d["train"]["warmup_steps"], max(1, steps // 10))
     if stage == "self-forcing":
         d["distill"]["student"]["init_from"] = ode_run
+        if lr is not None:
+            d["train"]["lr"] = lr
+        fid = d["train"].setdefault("fidelity", {})
+        if evals and not fid.get("every"):
+            # The demo compares teacher and student at its end: no teacher line here (saves
+            # the teacher's 8 clips at its 120 forwards each).
+            fid |= {"every": max(1, steps // evals), "clips": eval_clips, "teacher": False}
+            fid["at_start"] = True  # the ODE student it starts from competes as step 0
     return d
 
 
@@ -138,10 +162,10 @@ def compare(
 
     bundles = {"teacher": load_bundle(teacher_dir), "student": load_bundle(student_uri)}
     cfg = bundles["teacher"].config
-    truth = evaluate.world_clips(n, seconds, 1000, cfg.height, cfg.width, max_balls=1)
+    truth = evaluate.world_clips(n, seconds, EVAL_SEED, cfg.height, cfg.width, max_balls=1)
     prompts = [c.meta["caption"] for c in truth]
     sets = {"real": truth, "codec": evaluate.ceiling(bundles["teacher"], truth)}
-    sets |= {k: evaluate.generate(b, prompts, seconds, seed=1000) for k, b in bundles.items()}
+    sets |= {k: evaluate.generate(b, prompts, seconds, seed=EVAL_SEED) for k, b in bundles.items()}
     reports = {k: evaluate.evaluate(clips) for k, clips in sets.items()}
     console.print(eval_commands.report_table(reports, "teacher vs student (same prompts, seeds)"))
     files = [

@@ -137,6 +137,9 @@ class FidelitySection(_Strict):
     # adherence (higher is better) or the median contact-to-onset offset (lower is better).
     best_by: Literal["sync_40ms", "median_offset_ms", "direction_acc"] = "sync_40ms"
     teacher: bool = True  # also score the teacher once per run (the reference line)
+    # Also evaluate the starting weights (step 0) on a fresh start, so the best step can be
+    # where the stage began: a stage that only makes its student worse promotes its start.
+    at_start: bool = True
 
 
 class TrainSection(_Strict):

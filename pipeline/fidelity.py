@@ -1,6 +1,7 @@
 """Fidelity while training: evaluate the student every `train.fidelity.every` steps, keep the best.
 
-`Watcher(stage, ctx, logger)` is built once per worker before the loop (pipeline.worker_loop) and
+`Watcher(stage, ctx, logger)` is built once per worker before the loop (pipeline.worker_loop),
+`start(step)` evaluates the starting weights as step 0 on a fresh start (`at_start`), and it is
 called after every optimizer step. At an evaluation step every rank joins the stage's collective
 `export` (so ZeRO-3's gather works), and rank 0 loads the exported Bundle (the EMA weights when
 EMA is on: what `promote` registers), streams the fixed prompt/seed set and scores it with
@@ -106,6 +107,13 @@ class Watcher:
         log.info("teacher fidelity %s (%.1f s)", self.teacher, time.perf_counter() - t0)
         _set_tags(self.logger, {TEACHER_TAG: json.dumps(self.teacher)})
         self._teacher_unlogged = True
+
+    def start(self, step: int) -> None:
+        """Before the loop (collective, like a call): on a fresh start (`step` 0) with
+        `train.fidelity.at_start`, evaluate the starting weights as step 0, so they compete
+        for the best step with every later one."""
+        if step == 0 and self.fc.at_start:
+            self(0)
 
     def __call__(self, step: int) -> None:
         """Collective at an evaluation step (every rank calls it after every step)."""

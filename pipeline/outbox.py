@@ -197,7 +197,7 @@ class TrackingOutbox:
     def _send(self, op: tuple) -> None:
         if self.last_logged is None:
             hist = self.client.get_metric_history(self.run_id, self.probe_key)
-            self.last_logged = max((m.step for m in hist), default=0)
+            self.last_logged = max((m.step for m in hist), default=-1)  # step 0: a start
         kind = op[0]
         if kind == "metrics":
             _, step, rows = op

@@ -111,9 +111,10 @@ def chosen_bundle(run: Any, which: str = "best") -> tuple[str, dict[str, Any]]:
 def describe(rid: str, what: dict[str, Any]) -> str:
     """One line naming the run, the step and why that step (the registry's description)."""
     if what["which"] == "best":
+        start = " (the stage's starting weights)" if what["step"] == 0 else ""
         return (
-            f"step {what['step']} of run {rid}: the best evaluated step by {what['metric']} "
-            f"= {what['value']:.4g}"
+            f"step {what['step']}{start} of run {rid}: the best evaluated step by "
+            f"{what['metric']} = {what['value']:.4g}"
         )
     return f"step {what['step']} of run {rid}: the last step (final export)"
 

@@ -211,7 +211,7 @@ class MetricLogger:
         self.client = client_for(uri)
         self.run_id = run_id
         hist = self.client.get_metric_history(run_id, probe_key)
-        self.last_logged = max((m.step for m in hist), default=0)
+        self.last_logged = max((m.step for m in hist), default=-1)  # step 0: a start
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if step <= self.last_logged or not metrics:

@@ -173,6 +173,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         logger.restore(unsent)
     t = cfg.train
     watch = Watcher(stage, ctx, logger)  # train.fidelity: evaluate, keep the best
+    watch.start(start)  # a fresh start's weights compete as step 0
     for step in range(start + 1, t.steps + 1):
         t0 = time.perf_counter()
         metrics = _mean_across_ranks(stage.train_step(step, stream.next, ctx), ctx)

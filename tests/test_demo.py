@@ -61,6 +61,14 @@ def test_demo_end_to_end_at_tiny_scale(tmp_path, ray_local, mlflow_uri):
         f"on {report['student']['n_clips']} clips" in summary["rows"]["contacts with onset ≤40 ms"]
     )
     assert set(summary["runs"]) == {"parent", "ode", "self-forcing"}
+    # Self-Forcing evaluated its start (the ODE student) and its step; the promoted one is the
+    # best of those where a figure was defined, and the summary says which.
+    sf_run = summary["runs"]["self-forcing"]
+    evals = MlflowClient().get_metric_history(sf_run, "fidelity/eval_s")
+    assert sorted(m.step for m in evals) == [0, 1]
+    best = MlflowClient().get_run(sf_run).data.tags.get("omniforcing.best_step")
+    assert summary["promoted"]["which"] == ("best" if best else "last")
+    assert summary["rows"]["promoted"].startswith(f"step {best or 1}")
     # The scratch teacher: codecs fitted on the shards, trained, exported, and the one distilled.
     assert (tmp_path / "run" / "codecs" / "codec.json").is_file()
     teacher_cfg = next((tmp_path / "run" / "teacher").rglob("config.json"))
@@ -93,3 +101,29 @@ def test_stage_warmup_fits_the_demo_budget():
     assert lr_multiplier(39, sf) < 0.2  # decayed toward the floor by the end
     long = validate(stage_config(base, "ode", 2000))
     assert long.train.warmup_steps == base["train"]["warmup_steps"]  # long runs keep the config's
+
+
+def test_self_forcing_stage_is_evaluated_from_its_start_and_keeps_the_config_schedule():
+    """The demo's Self-Forcing stage runs at its own rate and evaluates its student at the start
+    (the ODE student) and `evals` times after, on prompts apart from the demo's final comparison;
+    the ODE stage is left alone, and a config that schedules `train.fidelity` itself wins."""
+    from pathlib import Path
+
+    from deploy.demo_steps import EVAL_SEED, stage_config
+    from pipeline.config import load_config, validate
+
+    base = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").to_dict()
+    sf = validate(stage_config(base, "self-forcing", 24, "abc", lr=1e-4, evals=4)).train
+    assert sf.lr == 1e-4 and base["train"]["lr"] == 3e-4
+    assert (sf.fidelity.every, sf.fidelity.clips, sf.fidelity.at_start) == (6, 8, True)
+    assert (
+        sf.fidelity.teacher is False and abs(sf.fidelity.seed - EVAL_SEED) >= 8
+    )  # not the final prompts
+    ode = validate(stage_config(base, "ode", 150, lr=1e-4, evals=4)).train
+    assert ode.lr == 3e-4 and ode.fidelity.every == 0
+    assert (
+        validate(stage_config(base, "self-forcing", 24, "abc", evals=0)).train.fidelity.every == 0
+    )
+    base["train"]["fidelity"] = {"every": 5, "clips": 2}
+    own = validate(stage_config(base, "self-forcing", 24, "abc", evals=4)).train.fidelity
+    assert (own.every, own.clips, own.teacher) == (5, 2, True)

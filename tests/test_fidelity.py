@@ -17,6 +17,7 @@ import torch
 from pipeline import fidelity, tracking
 from pipeline.config import ConfigError, load_config, validate
 from pipeline.fingerprint import fingerprint
+from pipeline.registry import describe
 from pipeline.stages import WorkerContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,12 +72,13 @@ class FakeStage:
             tiny_bundle(seed=self.exports, causal=True).save_pretrained(out_dir)
 
 
-def _ctx(every: int, best_by: str = "sync_40ms") -> WorkerContext:
+def _ctx(every: int, best_by: str = "sync_40ms", at_start: bool = True) -> WorkerContext:
+    fc = {"every": every, "clips": 1, "best_by": best_by, "at_start": at_start}
     cfg = validate(
         {
             "model": {"preset": "tiny"},
             "data": {"source": "random", "seconds": 1},
-            "train": {"fidelity": {"every": every, "clips": 1, "best_by": best_by}},
+            "train": {"fidelity": fc},
         }
     )
     return WorkerContext(cfg, 0, 1, torch.device("cpu"), torch.float32)
@@ -155,6 +157,35 @@ def test_resume_keeps_best_and_teacher(monkeypatch: pytest.MonkeyPatch) -> None:
     watch(8)
     assert seen == ["student", "student"]
     assert (log.tags[fidelity.BEST_STEP_TAG], log.tags[fidelity.BEST_VALUE_TAG]) == ("8", "0.6")
+
+
+def test_the_start_competes_as_step_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh start evaluates its starting weights as step 0: when every later step is worse,
+    step 0 stays the best (what `promote` registers), so a stage that only makes its student
+    worse never promotes a worse one. A resumed run (start > 0) and `at_start: false` skip it."""
+    seen = _scripted(monkeypatch, [0.6, 0.3, 0.5], teacher=0.7)
+    log, stage = Recorder(), FakeStage()
+    watch = fidelity.Watcher(stage, _ctx(every=2), log)
+    watch.start(0)
+    for step in range(1, 5):
+        watch(step)
+    assert sorted(log.metrics["fidelity/sync_40ms"].items()) == [(0, 0.6), (2, 0.3), (4, 0.5)]
+    assert log.metrics["fidelity/teacher/sync_40ms"] == {0: 0.7}
+    assert (log.tags[fidelity.BEST_STEP_TAG], log.tags[fidelity.BEST_EXPORT_TAG]) == (
+        "0",
+        "best/step-00000000",
+    )
+    assert seen == ["teacher", "student", "student", "student"] and stage.exports == 3
+    what = {"which": "best", "step": 0, "metric": "fidelity/sync_40ms", "value": 0.6}
+    assert describe("r1", what).startswith("step 0 (the stage's starting weights) of run r1")
+
+    _scripted(monkeypatch, [0.4], teacher=0.7)
+    resumed, stage = Recorder(), FakeStage()
+    fidelity.Watcher(stage, _ctx(every=2), resumed).start(6)
+    assert stage.exports == 0 and "fidelity/sync_40ms" not in resumed.metrics
+    stage = FakeStage()
+    fidelity.Watcher(stage, _ctx(every=2, at_start=False), Recorder()).start(0)
+    assert stage.exports == 0
 
 
 def test_lower_is_better_figure(monkeypatch: pytest.MonkeyPatch) -> None:

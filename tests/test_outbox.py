@@ -41,6 +41,7 @@ def test_outbox_sends_in_order_and_skips_a_refused_write(
     direct = MlflowClient(mlflow_server)
     run_id = _run(direct, "outbox-unit")
     box = outbox.TrackingOutbox(proxy.url, run_id)
+    box.log_metrics(0, {"fidelity/sync_40ms": 0.5})  # a start's evaluation, before any loss
     box.log_metrics(1, {"loss": 3.0})
     box.set_tags({"a": 1})
     with caplog.at_level(logging.ERROR, logger="omniforcing.tracking"):
@@ -49,6 +50,7 @@ def test_outbox_sends_in_order_and_skips_a_refused_write(
         assert box.close(60) == 0  # the refused write was dropped, not retried forever
     assert "MLflow refused ('metrics', 2)" in caplog.text
     assert _steps(direct, run_id) == [1, 3]
+    assert _steps(direct, run_id, "fidelity/sync_40ms") == [0]  # step 0 is a step too
     assert direct.get_run(run_id).data.tags["a"] == "1"
     assert box.history(["loss"])["loss"] == [(1, 3.0), (2, 2.0), (3, 1.0)]
 
