@@ -22,7 +22,7 @@ def test_demo_end_to_end_at_tiny_scale(tmp_path, ray_local, mlflow_uri):
     args = ["demo", "--out", str(tmp_path / "run"), "--config", "configs/tiny.yaml"]
     args += ["--teacher", "scratch", "--teacher-config", "configs/tiny.yaml"]
     args += ["--teacher-steps", "2"]
-    args += ["--clips", "4", "--ode-steps", "2", "--sf-steps", "1"]
+    args += ["--clips", "4", "--ode-steps", "2", "--sf-steps", "1", "--sf-evals", "1"]
     args += ["--seconds", "1", "--clip", str(clip), "--eval-clips", "1", "--name", "demo-student"]
     for kv in ("data.source=shards", "distill.teacher_steps=3", "train.checkpoint_every=1"):
         args += ["--set", kv]
