@@ -15,8 +15,8 @@ from typing import Any
 from rich.console import Console
 
 console = Console()
-# The final comparison's prompts and seeds (clip i: 1000 + i), apart from the Self-Forcing
-# stage's fidelity set (train.fidelity.seed, 10000 + i) that picks the promoted step.
+# The final comparison's prompts and seeds (clip i: 1000 + i), apart from the fidelity set
+# (train.fidelity.seed, 10000 + i) that picks the promoted step under `--sf-evals`.
 EVAL_SEED = 1000
 
 
