@@ -131,8 +131,9 @@ def stage_config(
         if evals and not fid.get("every"):
             # The demo compares teacher and student at its end: no teacher line here (saves
             # the teacher's 8 clips at its 120 forwards each).
-            fid |= {"every": max(1, steps // evals), "clips": eval_clips, "teacher": False}
-            fid["at_start"] = True  # the ODE student it starts from competes as step 0
+            # at_start: the ODE student it starts from competes as step 0.
+            fid |= {"every": max(1, steps // evals), "clips": eval_clips, "teacher": False,
+                    "at_start": True}  # fmt: skip
     return d
 
 

@@ -68,7 +68,8 @@ def test_demo_end_to_end_at_tiny_scale(tmp_path, ray_local, mlflow_uri):
     assert sorted(m.step for m in evals) == [0, 1]
     best = MlflowClient().get_run(sf_run).data.tags.get("omniforcing.best_step")
     assert summary["promoted"]["which"] == ("best" if best else "last")
-    assert summary["rows"]["promoted"].startswith(f"step {best or 1}")
+    start = " (the stage's starting weights)" if best == "0" else ""
+    assert summary["rows"]["promoted"].startswith(f"step {best or 1}{start} of run")
     # The scratch teacher: codecs fitted on the shards, trained, exported, and the one distilled.
     assert (tmp_path / "run" / "codecs" / "codec.json").is_file()
     teacher_cfg = next((tmp_path / "run" / "teacher").rglob("config.json"))

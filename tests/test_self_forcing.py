@@ -160,7 +160,8 @@ def test_self_forcing_through_real_trainer(
         ):
             assert torch.equal(a, b), k
         version = client.get_model_version("sf-student", out["version"])
-        assert version.description.startswith(f"step {best}")
+        start = " (the stage's starting weights)" if best == 0 else ""
+        assert version.description.startswith(f"step {best}{start} of run")
 
 
 def test_artifacts_hook_writes_a_student_sheet(
