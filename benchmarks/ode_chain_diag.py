@@ -18,7 +18,11 @@ the noise of the blocks after it, which a causal student never sees, so its erro
 the last block (session 18). Full-sequence block-causal forwards (no KV cache),
 re-noising with fresh ε between steps as `flow.few_step` does (its own draws, seeded per clip).
 
+`--first BUNDLE`: another student makes every block's first step (σ index 0) and `--student` the
+rest: whether a network of its own for the first step would help (session 22).
+
     python -m benchmarks.ode_chain_diag --student BUNDLE --trajectories DIR [--exclude DIR]
+        [--first BUNDLE]
 """
 
 from __future__ import annotations
@@ -40,8 +44,11 @@ from pipeline.evaluate import TOL_S, EvalClip, evaluate
 DEFAULT_MODES = "teacher,own,teacher_past,jump@0,chain@1,jump@1,jump@2"
 
 
-def chain(bundle: Bundle, row: dict, mode: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One clip's latents (video [Fv,h,w,C], audio [Fa,C]) generated block by block in `mode`."""
+def chain(
+    bundle: Bundle, row: dict, mode: str, seed: int, first: Bundle | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One clip's latents (video [Fv,h,w,C], audio [Fa,C]) generated block by block in `mode`;
+    `first`: another student makes the first step (σ index 0) of every block."""
     tv, ta = torch.as_tensor(row["traj_video"]), torch.as_tensor(row["traj_audio"])  # [K+1, F..]
     if mode == "teacher":
         return tv[-1], ta[-1]
@@ -57,14 +64,15 @@ def chain(bundle: Bundle, row: dict, mode: str, seed: int) -> tuple[torch.Tensor
         mv, ma = vid == k, aid == k
         past_v, past_a = (out_v, out_a) if own else (tv[-1], ta[-1])
 
-        def x0(bv, ba, s, k=k, mv=mv, ma=ma, past_v=past_v, past_a=past_a):
+        def x0(bv, ba, s, i, k=k, mv=mv, ma=ma, past_v=past_v, past_a=past_a):
             # Blocks before k: the past (σ 0); block k: its state; later ones: noise (unseen).
             xv = torch.where((vid < k)[:, None, None, None], past_v, tv[0]).clone()
             xa = torch.where((aid < k)[:, None], past_a, ta[0]).clone()
             xv[mv], xa[ma] = bv, ba
             sv = torch.where(vid < k, 0.0, torch.where(mv, s, 1.0))[None]
             sa = torch.where(aid < k, 0.0, torch.where(ma, s, 1.0))[None]
-            vv, va = bundle.model(xv[None], xa[None], sv, sa, emb, mask)
+            net = first.model if first is not None and i == 0 else bundle.model
+            vv, va = net(xv[None], xa[None], sv, sa, emb, mask)
             pv = flow.x0_from_velocity(xv[None], vv, sv)[0]
             pa = flow.x0_from_velocity(xa[None], va, sa)[0]
             return pv[mv], pa[ma]
@@ -72,7 +80,7 @@ def chain(bundle: Bundle, row: dict, mode: str, seed: int) -> tuple[torch.Tensor
         bv, ba = tv[start][mv], ta[start][ma]
         steps = sig[start : start + 1] if mode.startswith("jump") else sig[start:]
         for i, s in enumerate(steps):
-            pv, pa = x0(bv, ba, s)
+            pv, pa = x0(bv, ba, s, start + i)
             if i + 1 < len(steps):
                 bv = flow.add_noise(pv, flow.randn(pv.shape, g, pv.device, pv.dtype), steps[i + 1])
                 ba = flow.add_noise(pa, flow.randn(pa.shape, g, pa.device, pa.dtype), steps[i + 1])
@@ -107,6 +115,7 @@ def sync_by_block(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--student", required=True, help="an exported student Bundle folder")
+    ap.add_argument("--first", help="a student Bundle that makes every block's first step")
     ap.add_argument("--trajectories", required=True, help="a trajectory shard folder")
     ap.add_argument("--exclude", help="skip rows whose keys are in this shard folder (training)")
     ap.add_argument("--clips", type=int, default=64)
@@ -116,6 +125,9 @@ def main() -> None:
     torch.set_num_threads(2)
     bundle = Bundle.from_pretrained(args.student)
     bundle.model.eval()
+    first = Bundle.from_pretrained(args.first) if args.first else None
+    if first is not None:
+        first.model.eval()
     skip = {r["key"] for r in read_trajectory_shards(args.exclude)} if args.exclude else set()
     rows = [r for r in read_trajectory_shards(args.trajectories) if r["key"] not in skip]
     rows = rows[: args.clips]
@@ -127,7 +139,7 @@ def main() -> None:
         for i, row in enumerate(rows):
             clean = torch.as_tensor(row["traj_video"])[-1]
             for m in modes:
-                v, a = chain(bundle, row, m, 1000 + i)
+                v, a = chain(bundle, row, m, 1000 + i, first)
                 err[m].append(float(((v - clean) ** 2).mean() / (clean**2).mean()))
                 frames, audio = decode_clip(bundle, v, a)
                 meta = {"caption": row["caption"], "fps": cfg.fps, "sample_rate": cfg.sample_rate}

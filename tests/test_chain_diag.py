@@ -44,3 +44,34 @@ def test_blocks_pool_to_the_clip_figure_and_a_silenced_block_loses_its_sync() ->
     assert after[2][0] == per[2][0] > 0 and after[2][1] < 0.5 * per[2][1]
     for k in (1, 4, 5):  # blocks away from the silenced one keep their figure
         assert after[k] == per[k] or np.isnan(per[k][1])
+
+
+def test_a_first_step_network_changes_only_the_chains_that_take_a_first_step() -> None:
+    import torch
+
+    from benchmarks.ode_chain_diag import chain
+    from model import BlockLayout
+    from model.testing import tiny_bundle
+
+    a, b = tiny_bundle(seed=0), tiny_bundle(seed=1)
+    cfg = a.model.cfg
+    lay = BlockLayout(2, cfg.video_block_latents, cfg.audio_block_latents)
+    fv, fa = lay.video_range(lay.num_blocks - 1)[1], lay.audio_range(lay.num_blocks - 1)[1]
+    h, w = cfg.video_latent_hw
+    g = torch.Generator().manual_seed(0)
+    row = {  # a trajectory row: states at σ 1 / 0.7507 / 0.5448 and the clean end
+        "traj_video": torch.randn(4, fv, h, w, cfg.video.latent_channels, generator=g),
+        "traj_audio": torch.randn(4, fa, cfg.audio.latent_channels, generator=g),
+        "caption": "a red ball",
+    }
+
+    def same(x: tuple[torch.Tensor, ...], y: tuple[torch.Tensor, ...]) -> bool:
+        return all(torch.equal(p, q) for p, q in zip(x, y, strict=True))
+
+    with torch.no_grad():
+        for mode in ("own", "jump@0"):
+            plain = chain(a, row, mode, 7)
+            assert same(plain, chain(a, row, mode, 7, a))
+            assert not torch.allclose(plain[0], chain(a, row, mode, 7, b)[0])
+        # Starting from the teacher's state at σ index 1, no chain takes a first step.
+        assert same(chain(a, row, "chain@1", 7), chain(a, row, "chain@1", 7, b))
