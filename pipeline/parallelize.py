@@ -155,14 +155,17 @@ def gather_persistent(net: nn.Module) -> None:
 class TorchEngine:
     """The part of DeepSpeed's engine interface the stages use, on plain torch AdamW."""
 
-    def __init__(self, net: nn.Module, cfg: JobConfig) -> None:
+    plain = True  # stages read gradients off the parameters (no ZeRO partitions)
+
+    def __init__(self, net: nn.Module, cfg: JobConfig, lr: float | None = None) -> None:
+        """`lr`: this engine's peak rate (the critic's `distill.critic_lr`), else `train.lr`."""
         t = cfg.train
         self.module, self.cfg, self.accum, self.clip = net, cfg, t.grad_accum, t.clip_grad
         params = [p for p in net.parameters() if p.requires_grad]
         fused = {"fused": True} if params and params[0].is_cuda else {}
         self.optimizer = torch.optim.AdamW(
             params,
-            lr=t.lr,
+            lr=lr or t.lr,
             betas=tuple(t.optimizer.betas),
             eps=t.optimizer.eps,
             weight_decay=t.optimizer.weight_decay,

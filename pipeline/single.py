@@ -118,7 +118,9 @@ class RandomBatches:
             self.order, self.pos = self.rng.permutation(len(self.captions)), 0
         idx = self.order[self.pos : self.pos + self.batch_size]
         self.pos += self.batch_size
-        return {"caption": self.captions[idx], "video": self.video[idx], "audio": self.audio[idx]}
+        keys = [f"clip-{i}" for i in idx]  # row index in the pooled latents (errors name it)
+        batch = {"caption": self.captions[idx], "video": self.video[idx], "audio": self.audio[idx]}
+        return {"key": keys} | batch
 
 
 def _with_steps(cfg: JobConfig, steps: int) -> JobConfig:
@@ -243,6 +245,17 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--weights", type=Path, required=True, help="<out>/teacher of `train`")
     e.add_argument("--codecs", default=SHIPPED)
     e.add_argument("--out", type=Path, required=True)
+    d = sub.add_parser("distill", help="Self-Forcing DMD (the self-forcing stage) for a budget")
+    d.add_argument("--config", required=True)
+    d.add_argument("--set", action="append", default=[], dest="overrides")
+    d.add_argument("--latents", type=Path, action="append", required=True)
+    d.add_argument("--minutes", type=float, required=True)
+    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    d.add_argument("--snapshots", type=int, default=2, help="student weights saved, evenly")
+    s = sub.add_parser("export-student", help="a `distill` snapshot → a causal student Bundle")
+    s.add_argument("--weights", type=Path, required=True, help="<out>/student-step-N")
+    s.add_argument("--out", type=Path, required=True)
     g = sub.add_parser("log", help="record a `train` output as a finished MLflow teacher run")
     g.add_argument("--weights", type=Path, required=True, help="<out>/teacher of `train`")
     g.add_argument("--codecs", default=SHIPPED)
@@ -262,6 +275,16 @@ def _run(a: argparse.Namespace) -> None:
         if a.threads:  # several runs on one box: oversubscribed OpenMP threads spin-wait
             torch.set_num_threads(a.threads)
         train(cfg, a.latents, a.minutes, a.out, a.device, a.init)
+    elif a.cmd == "distill":
+        from pipeline.single_distill import distill
+
+        distill(
+            load_config(a.config, a.overrides), a.latents, a.minutes, a.out, a.device, a.snapshots
+        )
+    elif a.cmd == "export-student":
+        from pipeline.single_distill import export_student
+
+        print(export_student(a.weights, a.out))
     elif a.cmd == "export":
         print(export(a.weights, a.codecs, a.out))
     else:

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from model.bundle import Bundle
-from pipeline import single, single_record, tracking
+from pipeline import single, single_distill, single_record, tracking
 from pipeline.checkpoint import resolve_storage
 from pipeline.config import load_config
 from pipeline.registry import load_bundle
@@ -116,6 +116,10 @@ def test_cli_errors_name_the_problem(tmp_path: Path) -> None:
         (base + ["--out", str(tmp_path / "o"), "--set", "train.bogus=1"], "train.bogus"),
         (base + ["--out", str(tmp_path / "o")], "no video.npy, audio.npy, captions.json"),
         (["export", "--weights", str(tmp_path / "w"), "--out", str(tmp_path / "b")], "no w.0"),
+        (
+            ["export-student", "--weights", str(tmp_path / "w"), "--out", str(tmp_path / "b")],
+            "no w.0",
+        ),
     ]
     for argv, needle in cases:
         with pytest.raises(SystemExit) as err:
@@ -195,3 +199,33 @@ def test_render_train_export_log(tmp_path: Path, mlflow_uri: str) -> None:
     storage = resolve_storage(cfg.storage.path)
     with pytest.raises(ValueError, match="recorded by `pipeline.single log`"):
         _open_run(MlflowClient(mlflow_uri), cfg, storage, "teacher", run_id, None)  # no ckpt
+
+
+@pytest.mark.slow
+def test_distill_is_seeded_and_exports_a_causal_student(tmp_path: Path) -> None:
+    """`distill` (the self-forcing stage on TorchEngines, one process) from the shipped teacher:
+    two runs of one seed write the same student, a third seed another; each snapshot holds the
+    run's record, and `export-student` makes a causal Bundle of exactly those weights that
+    differs from where the student started."""
+    lat = tmp_path / "latents"
+    single.render(3, seed=3, codecs=single.SHIPPED, out=lat)
+    sets = ["data.batch_size=1", "distill.critic_updates_per_generator=1", "train.steps=2"]
+    sets += ["train.warmup_steps=1"]
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        cfg = load_config(ROOT / "configs" / "demo.yaml", [*sets, f"train.seed={seed}"])
+        (prefix,) = single_distill.distill(cfg, lat, 5.0, tmp_path / name, "cpu", snapshots=1)
+        runs[name] = single_record.load_weights(prefix)
+    (a, record), (b, _), (c, _) = runs["a"], runs["b"], runs["c"]
+    assert record["steps"] == 2 and [m["step"] for m in record["metrics"]] == [1, 2]
+    assert {"loss/dmd_video", "loss/critic"} <= set(record["metrics"][0])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+    out = single_distill.export_student(tmp_path / "a" / "student-step-000002", tmp_path / "s")
+    student = Bundle.from_pretrained(out)
+    assert student.model.cfg.causal and student.sigmas == (1.0, 0.7507, 0.5448)
+    exported = load_file(out / "model.safetensors")
+    assert all(torch.equal(exported[k], a[k]) for k in exported)
+    shipped = load_file(Path(single.SHIPPED) / "model.safetensors")
+    assert any(not torch.equal(exported[k], shipped[k]) for k in shipped)  # it trained

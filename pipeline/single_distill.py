@@ -1,0 +1,135 @@
+"""Self-Forcing distillation in one process on one device, without Ray, DeepSpeed or MLflow.
+
+The `pipeline.single` path for the `self-forcing` stage: a lent GPU box has torch but not our
+cluster stack, and a long distribution-matching run (thousands of DMD steps, issue 23) is what
+2 CPU cores cannot do. It drives the same `SelfForcingStage` as `omniforcing train self-forcing`
+(rollouts, DMD, critic updates, EMA) on `TorchEngine`s, on latents from `pipeline.single render`;
+the student starts from `distill.student.init_from` (e.g. an ODE student's Bundle), the critic
+from `distill.critic.init_from`, the real score is `distill.teacher`.
+
+    python -m pipeline.single distill --config configs/demo.yaml --latents /tmp/latents \
+        --minutes 8 --out /tmp/sf --set distill.student.init_from=/path/to/ode/bundle
+    python -m pipeline.single export-student --weights /tmp/sf/student-step-002000 --out B
+
+`distill` writes the student's EMA weights (`pipeline.single_record.save_weights`: files of at
+most 15 MiB with the run's record) at `--snapshots` evenly spaced times, the last at the end;
+`export-student` makes a causal student Bundle of one (`omniforcing eval --model B` scores it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import JobConfig, validate
+from pipeline.parallelize import TorchEngine
+from pipeline.single_record import load_weights, save_weights
+from pipeline.stages import WorkerContext
+
+
+def distill(
+    cfg: JobConfig,
+    latents: Path | Sequence[Path],
+    minutes: float,
+    out: Path,
+    device: str,
+    snapshots: int = 2,
+) -> list[Path]:
+    """Self-Forcing until `minutes` have passed (or `train.steps` are done); the cosine horizon
+    is set from the step rate measured over steps 5–25. Returns the snapshot prefixes."""
+    from pipeline.single import RandomBatches, _with_steps
+    from pipeline.stages.self_forcing import SelfForcingStage
+
+    start = time.time()
+    deadline = start + minutes * 60
+    dev = torch.device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(cfg.train.seed)
+    ctx = WorkerContext(cfg, 0, 1, dev, torch.float32)
+    stage, engines = SelfForcingStage(), []
+
+    def make(net: torch.nn.Module, lr: float | None = None) -> TorchEngine:
+        engines.append(TorchEngine(net.to(dev), cfg, lr))
+        return engines[-1]
+
+    stage.build(ctx, make)
+    batches = RandomBatches(latents, cfg.data.batch_size, cfg.train.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {
+        "trained_by": "python -m pipeline.single distill (SelfForcingStage on TorchEngine)",
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "clips": len(batches.captions),
+    }
+    history: list[dict[str, float]] = []
+    prefixes: list[Path] = []
+    step, t_probe = 0, 0.0
+    while step < cfg.train.steps and time.time() < deadline:
+        metrics = stage.train_step(step, batches, ctx)
+        step += 1
+        if step == 5:
+            t_probe = time.time()
+        if step == 25:  # horizon = the steps that fit in the time left
+            rate = (time.time() - t_probe) / 20
+            cfg = _with_steps(cfg, min(cfg.train.steps, 25 + int((deadline - time.time()) / rate)))
+            ctx.cfg = cfg
+            for e in engines:
+                e.cfg = cfg
+            print(f"{rate:.2f} s/step: horizon {cfg.train.steps} steps", flush=True)
+        history.append({"step": step, **metrics})
+        if step % 10 == 0:
+            print(json.dumps({"step": step, **{k: round(v, 4) for k, v in metrics.items()}}))
+        due = start + (deadline - start) * (len(prefixes) + 1) / snapshots
+        if time.time() >= due or step >= cfg.train.steps:
+            prefixes.append(_snapshot(stage, cfg, record, history, step, start, out))
+    if not prefixes or not prefixes[-1].name.endswith(f"{step:06d}"):
+        prefixes.append(_snapshot(stage, cfg, record, history, step, start, out))
+    return prefixes
+
+
+def _snapshot(
+    stage: Any,
+    cfg: JobConfig,
+    record: dict[str, Any],
+    history: list[dict[str, float]],
+    step: int,
+    start: float,
+    out: Path,
+) -> Path:
+    """The student's EMA (else live) weights and the record so far at out/student-step-N."""
+    from pipeline.parallelize import gather_full
+
+    ema = stage.emas().get("student")
+    state = gather_full(stage.engine.module, ema.state() if ema else None)
+    prefix = out / f"student-step-{step:06d}"
+    wall = time.time() - start
+    info = {"config": cfg.to_dict(), "steps": step, "wall_s": round(wall, 1)}
+    save_weights(state, record | info | {"metrics": history}, prefix)
+    print(f"saved step {step} ({wall / 60:.1f} min) at {prefix}", flush=True)
+    return prefix
+
+
+def export_student(prefix: Path, out: Path) -> Path:
+    """A `distill` snapshot → a causal student Bundle at `out` (the codecs and text encoder of
+    the run's `distill.teacher`, which must resolve here; its σ list recorded for serving)."""
+    from model import AVDiT
+    from pipeline.distill import roles
+
+    state, record = load_weights(prefix)
+    cfg = validate(record["config"], source=f"{prefix} record")
+    d = cfg.distill
+    teacher = roles.load_teacher(d.teacher, torch.device("cpu"), torch.float32)
+    net = AVDiT(roles.role_config("student", teacher.model.cfg, cfg))
+    want = set(net.state_dict())
+    missing = sorted(want - set(state))
+    if missing:
+        raise ValueError(
+            f"{prefix}: the snapshot lacks {missing[:5]} (not a student of {d.teacher})"
+        )
+    net.load_state_dict({k: v for k, v in state.items() if k in want})
+    roles.export_student(net, None, teacher, out, "self-forcing", d.student_sigmas)
+    return out
