@@ -45,6 +45,8 @@ def distill(
     from pipeline.single import RandomBatches, _with_steps
     from pipeline.stages.self_forcing import SelfForcingStage
 
+    if snapshots < 1 or minutes <= 0:
+        raise ValueError(f"--snapshots {snapshots} and --minutes {minutes}: both must be > 0")
     start = time.time()
     deadline = start + minutes * 60
     dev = torch.device(device)
