@@ -126,7 +126,9 @@ def main() -> None:
     bundle = Bundle.from_pretrained(args.student)
     bundle.model.eval()
     first = Bundle.from_pretrained(args.first) if args.first else None
-    if first is not None:
+    if first is not None:  # prompts are encoded by --student's encoder for both networks
+        if first.model.cfg.replace(causal=True) != bundle.model.cfg.replace(causal=True):
+            raise SystemExit(f"--first {args.first}: another geometry than --student")
         first.model.eval()
     skip = {r["key"] for r in read_trajectory_shards(args.exclude)} if args.exclude else set()
     rows = [r for r in read_trajectory_shards(args.trajectories) if r["key"] not in skip]

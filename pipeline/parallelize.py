@@ -165,7 +165,7 @@ class TorchEngine:
         fused = {"fused": True} if params and params[0].is_cuda else {}
         self.optimizer = torch.optim.AdamW(
             params,
-            lr=lr or t.lr,
+            lr=lr if lr is not None else t.lr,
             betas=tuple(t.optimizer.betas),
             eps=t.optimizer.eps,
             weight_decay=t.optimizer.weight_decay,

@@ -1,4 +1,5 @@
-"""Teacher training in one process on one device, without Ray, DeepSpeed or MLflow.
+"""Teacher training in one process on one device, without Ray, DeepSpeed or MLflow (and the
+Self-Forcing stage the same way: `pipeline.single_distill`, subcommands `distill`, `export-student`).
 
 For a machine that has torch and a GPU but not our cluster stack (the lent GPU boxes have no
 package registry, and Ray's wheel alone exceeds what can be carried there). It drives the same
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import single_distill
 from pipeline.config import JobConfig, load_config, validate
 from pipeline.parallelize import TorchEngine
 from pipeline.single_record import SHIPPED, export, log_run, save_weights
@@ -123,7 +125,8 @@ class RandomBatches:
         return {"key": keys} | batch
 
 
-def _with_steps(cfg: JobConfig, steps: int) -> JobConfig:
+def with_steps(cfg: JobConfig, steps: int) -> JobConfig:
+    """`cfg` with `train.steps` replaced (the calibrated cosine horizon), validated."""
     raw = cfg.to_dict()
     raw["train"]["steps"] = steps
     return validate(raw, source="calibrated horizon")
@@ -171,7 +174,7 @@ def train(
             t_probe = time.time()
         if step == probe:  # horizon = the steps that fit in the time left
             rate = (time.time() - t_probe) / (probe - 10)
-            cfg = _with_steps(cfg, probe + int(0.93 * (deadline - time.time()) / rate))
+            cfg = with_steps(cfg, probe + int(0.93 * (deadline - time.time()) / rate))
             ctx.cfg = stage.engine.cfg = cfg
             print(f"{rate * 1e3:.1f} ms/step: horizon {cfg.train.steps} steps", flush=True)
         if step % cfg.train.log_every == 0 or "reliance/audio_on_video" in metrics:
@@ -245,17 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--weights", type=Path, required=True, help="<out>/teacher of `train`")
     e.add_argument("--codecs", default=SHIPPED)
     e.add_argument("--out", type=Path, required=True)
-    d = sub.add_parser("distill", help="Self-Forcing DMD (the self-forcing stage) for a budget")
-    d.add_argument("--config", required=True)
-    d.add_argument("--set", action="append", default=[], dest="overrides")
-    d.add_argument("--latents", type=Path, action="append", required=True)
-    d.add_argument("--minutes", type=float, required=True)
-    d.add_argument("--out", type=Path, required=True)
-    d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    d.add_argument("--snapshots", type=int, default=2, help="student weights saved, evenly")
-    s = sub.add_parser("export-student", help="a `distill` snapshot → a causal student Bundle")
-    s.add_argument("--weights", type=Path, required=True, help="<out>/student-step-N")
-    s.add_argument("--out", type=Path, required=True)
+    single_distill.add_parsers(sub)
     g = sub.add_parser("log", help="record a `train` output as a finished MLflow teacher run")
     g.add_argument("--weights", type=Path, required=True, help="<out>/teacher of `train`")
     g.add_argument("--codecs", default=SHIPPED)
@@ -275,16 +268,8 @@ def _run(a: argparse.Namespace) -> None:
         if a.threads:  # several runs on one box: oversubscribed OpenMP threads spin-wait
             torch.set_num_threads(a.threads)
         train(cfg, a.latents, a.minutes, a.out, a.device, a.init)
-    elif a.cmd == "distill":
-        from pipeline.single_distill import distill
-
-        distill(
-            load_config(a.config, a.overrides), a.latents, a.minutes, a.out, a.device, a.snapshots
-        )
-    elif a.cmd == "export-student":
-        from pipeline.single_distill import export_student
-
-        print(export_student(a.weights, a.out))
+    elif a.cmd in single_distill.COMMANDS:
+        single_distill.run(a)
     elif a.cmd == "export":
         print(export(a.weights, a.codecs, a.out))
     else:

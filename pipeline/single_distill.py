@@ -18,6 +18,7 @@ most 15 MiB with the run's record) at `--snapshots` evenly spaced times, the las
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import JobConfig, validate
+from pipeline.config import JobConfig, load_config, validate
 from pipeline.parallelize import TorchEngine
 from pipeline.single_record import load_weights, save_weights
 from pipeline.stages import WorkerContext
@@ -42,11 +43,19 @@ def distill(
 ) -> list[Path]:
     """Self-Forcing until `minutes` have passed (or `train.steps` are done); the cosine horizon
     is set from the step rate measured over steps 5–25. Returns the snapshot prefixes."""
-    from pipeline.single import RandomBatches, _with_steps
+    from pipeline.single import RandomBatches, with_steps
     from pipeline.stages.self_forcing import SelfForcingStage
 
-    if snapshots < 1 or minutes <= 0:
-        raise ValueError(f"--snapshots {snapshots} and --minutes {minutes}: both must be > 0")
+    if snapshots < 1:
+        raise ValueError(f"--snapshots {snapshots}: at least 1 (the last is taken at the end)")
+    if minutes <= 0:
+        raise ValueError(f"--minutes {minutes}: a budget must be positive")
+    if cfg.distill.real_score != "local" or cfg.train.zero_stage == 3:
+        raise ValueError(
+            f"distill.real_score={cfg.distill.real_score}, train.zero_stage="
+            f"{cfg.train.zero_stage}: one process scores locally (real_score: local) on one "
+            "unpartitioned device (zero_stage < 3)"
+        )
     start = time.time()
     deadline = start + minutes * 60
     dev = torch.device(device)
@@ -67,28 +76,35 @@ def distill(
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "clips": len(batches.captions),
     }
+    # Every 10th step's metrics: the record rides in each weight file's metadata, and a file must
+    # stay under the 16 MiB a lease returns (pipeline.single_record.save_weights counts it).
     history: list[dict[str, float]] = []
     prefixes: list[Path] = []
-    step, t_probe = 0, 0.0
+    step, t_probe, saved = 0, 0.0, -1
     while step < cfg.train.steps and time.time() < deadline:
         metrics = stage.train_step(step, batches, ctx)
         step += 1
         if step == 5:
             t_probe = time.time()
         if step == 25:  # horizon = the steps that fit in the time left
-            rate = (time.time() - t_probe) / 20
-            cfg = _with_steps(cfg, min(cfg.train.steps, 25 + int((deadline - time.time()) / rate)))
+            rate = (time.time() - t_probe) / 20  # 0.93: snapshots and the last step's overrun
+            cfg = with_steps(
+                cfg, min(cfg.train.steps, 25 + int(0.93 * (deadline - time.time()) / rate))
+            )
             ctx.cfg = cfg
             for e in engines:
                 e.cfg = cfg
             print(f"{rate:.2f} s/step: horizon {cfg.train.steps} steps", flush=True)
-        history.append({"step": step, **metrics})
-        if step % 10 == 0:
+        if step % 10 == 0 or step <= 10:
+            history.append({"step": step, **metrics})
             print(json.dumps({"step": step, **{k: round(v, 4) for k, v in metrics.items()}}))
         due = start + (deadline - start) * (len(prefixes) + 1) / snapshots
         if time.time() >= due or step >= cfg.train.steps:
             prefixes.append(_snapshot(stage, cfg, record, history, step, start, out))
-    if not prefixes or not prefixes[-1].name.endswith(f"{step:06d}"):
+            saved = step
+    if saved != step:
+        if step == 0:
+            print("warning: the budget ended before the first step: saving the start", flush=True)
         prefixes.append(_snapshot(stage, cfg, record, history, step, start, out))
     return prefixes
 
@@ -135,3 +151,29 @@ def export_student(prefix: Path, out: Path) -> Path:
     net.load_state_dict({k: v for k, v in state.items() if k in want})
     roles.export_student(net, None, teacher, out, "self-forcing", d.student_sigmas)
     return out
+
+
+COMMANDS = ("distill", "export-student")
+
+
+def add_parsers(sub: Any) -> None:
+    """The `distill` and `export-student` subcommands of `python -m pipeline.single`."""
+    d = sub.add_parser("distill", help="Self-Forcing DMD (the self-forcing stage) for a budget")
+    d.add_argument("--config", required=True)
+    d.add_argument("--set", action="append", default=[], dest="overrides")
+    d.add_argument("--latents", type=Path, action="append", required=True)
+    d.add_argument("--minutes", type=float, required=True)
+    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    d.add_argument("--snapshots", type=int, default=2, help="student weights saved, evenly")
+    e = sub.add_parser("export-student", help="a `distill` snapshot → a causal student Bundle")
+    e.add_argument("--weights", type=Path, required=True, help="<out>/student-step-N")
+    e.add_argument("--out", type=Path, required=True)
+
+
+def run(a: argparse.Namespace) -> None:
+    if a.cmd == "distill":
+        cfg = load_config(a.config, a.overrides)
+        distill(cfg, a.latents, a.minutes, a.out, a.device, a.snapshots)
+    else:
+        print(export_student(a.weights, a.out))

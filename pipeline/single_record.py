@@ -27,20 +27,25 @@ SHARD_BYTES = 15 * 2**20  # files that come back from a lent machine are capped 
 def save_weights(
     state: dict[str, torch.Tensor], record: dict[str, Any], prefix: Path
 ) -> list[Path]:
-    """`state` as <prefix>.<k>.safetensors files of ≤ 15 MiB, each with the record, atomically."""
+    """`state` as <prefix>.<k>.safetensors files of ≤ 15 MiB, each with the record, atomically
+    (the record is in every file's header, so it counts against each file's budget)."""
     from safetensors.torch import save_file
 
+    text = json.dumps(record)
+    budget = SHARD_BYTES - len(text.encode())
+    if budget <= 0:
+        raise ValueError(f"{prefix}: the run's record alone is {len(text)} bytes (> 15 MiB)")
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in state.items():
         nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > SHARD_BYTES:
+        if shards[-1] and size + nbytes > budget:
             shards.append({})
             size = 0
         shards[-1][name] = t.contiguous()
         size += nbytes
     # Files are replaced one by one: `save` (a per-call token) lets a reader reject a mixed set.
-    meta = {"record": json.dumps(record), "shards": str(len(shards)), "save": str(time.time_ns())}
+    meta = {"record": text, "shards": str(len(shards)), "save": str(time.time_ns())}
     paths = []
     for k, part in enumerate(shards):
         path = prefix.with_name(f"{prefix.name}.{k}.safetensors")
@@ -57,7 +62,9 @@ def load_weights(prefix: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     state: dict[str, torch.Tensor] = {}
     first = prefix.with_name(f"{prefix.name}.0.safetensors")
     if not first.is_file():
-        raise FileNotFoundError(f"{prefix}: no {first.name} (not a `pipeline.single train` output)")
+        raise FileNotFoundError(
+            f"{prefix}: no {first.name} (not a `pipeline.single` train or distill output)"
+        )
     with safe_open(str(first), "pt") as f:
         meta = f.metadata()
     for k in range(int(meta["shards"])):

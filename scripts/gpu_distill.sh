@@ -3,12 +3,13 @@
 # there), issue 23's open question: does a far longer distribution-matching run lift the ODE
 # student's sync? Renders CLIPS world clips, then distils from the ODE student bundle at STUDENT
 # (carry it: copy it into an ignored folder of the repo, e.g. .carry/ode, name that in `carry`)
-# for what BUDGET leaves; SNAPSHOTS evenly spaced student weights land in $OUT/sf/. With WHEELS=1
-# it first installs the pydantic wheels carried in .whl/ (see scripts/gpu_teacher.sh). Back here:
+# for what BUDGET leaves; SNAPSHOTS evenly spaced student weights land in $OUT/sf/ (22 MB each for
+# the demo: 2 fit the 64 MiB a lease returns). Unless WHEELS=0 it first installs the pydantic
+# wheels carried in .whl/ (see scripts/gpu_teacher.sh). Back here:
 #   python -m pipeline.single export-student --weights <OUT>/sf/student-step-N --out /tmp/s
 #   omniforcing eval --model /tmp/s --clips 64 --seconds 5
 # Extra `--set` overrides go in SETS (e.g. SETS="--set distill.loss_scope=last_block").
-set -u
+set -u -o pipefail
 t0=$(date +%s)
 OUT=${OUT:-/tmp/gpu-distill} CLIPS=${CLIPS:-256} BATCH=${BATCH:-2} SNAPSHOTS=${SNAPSHOTS:-2}
 BUDGET=${BUDGET:-540}  # seconds for the whole script; distillation gets what rendering leaves
@@ -29,4 +30,4 @@ python3 -m pipeline.single distill --config configs/demo.yaml --latents /tmp/lat
   --minutes "$MIN" --out "$OUT/sf" --snapshots "$SNAPSHOTS" --set "data.batch_size=$BATCH" \
   --set "distill.student.init_from=$STUDENT" --set train.lr=1e-4 --set train.steps=1000000 \
   --set train.warmup_steps=12 --set distill.loss_scope=every_block ${SETS:-} 2>&1 \
-  | tee "$OUT/log.txt" | grep -E "s/step|saved step|\"step\": [0-9]*00,"
+  | tee "$OUT/log.txt" | grep --line-buffered -E "s/step|saved|rror|Traceback|\"step\": [0-9]*00,"

@@ -98,7 +98,10 @@ def test_sharded_weights_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert record == {"steps": 7}
     assert set(loaded) == set(state)
     assert all(torch.equal(loaded[k], state[k]) for k in state)
-    with pytest.raises(FileNotFoundError, match="not a `pipeline.single train` output"):
+    # The record rides in every file's header and counts against its budget.
+    paths = single_record.save_weights(state, {"note": "x" * 20_000}, tmp_path / "long")
+    assert len(paths) == 5  # one 16 KiB tensor per file beside a 20 kB record
+    with pytest.raises(FileNotFoundError, match="not a `pipeline.single` train or distill output"):
         single_record.load_weights(tmp_path / "other")
     later = tmp_path / "later"
     later.mkdir()
