@@ -230,8 +230,6 @@ class DistillSection(_Strict):
     # ode: share of samples whose blocks before a random one are clean (the streaming student's
     # context); 0: every block at an independent trajectory point (CausVid's ODE init).
     ode_clean_context: float = Field(default=0.0, ge=0.0, le=1.0)
-    exit_steps: list[int] | None = None  # EXPERIMENT: the exit steps Self-Forcing draws from
-    ode_point_weights: list[float] | None = None  # EXPERIMENT: draw weights of trajectory points
     ode_weight_video: float = Field(default=1.0, ge=0.0)  # ODE regression loss weights (V1)
     ode_weight_audio: float = Field(default=0.16, ge=0.0)
     dmd_weight_video: float = Field(default=1.0, ge=0.0)  # DMD generator loss weights

@@ -33,7 +33,6 @@ def block_points(
     sigmas: torch.Tensor,
     g: torch.Generator,
     clean_context: float = 0.0,
-    weights: list[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One random trajectory point per (sample, block), shared by both modalities of the block.
 
@@ -47,9 +46,6 @@ def block_points(
     b, n_pts, fv = traj_v.shape[:3]
     layout = BlockLayout.from_counts(fv, traj_a.shape[2])
     idx = torch.randint(0, n_pts, (b, layout.num_blocks), generator=g)  # [B, blocks]
-    if weights is not None:
-        w = torch.tensor(weights, dtype=torch.float32)
-        idx = torch.multinomial(w, b * layout.num_blocks, replacement=True, generator=g).view(b, -1)
     if clean_context > 0:
         k = torch.randint(0, layout.num_blocks, (b, 1), generator=g)
         pick = torch.rand(b, 1, generator=g) < clean_context
@@ -141,7 +137,7 @@ class OdeStage:
         """(video loss, audio loss) of `net` (the engine, or a bare student in unit tests) on one
         batch at random trajectory points."""
         tv, ta, sig = self.trajectories(batch, ctx)
-        xv, xa, sv, sa = block_points(tv, ta, sig, g, ctx.cfg.distill.ode_clean_context, ctx.cfg.distill.ode_point_weights)
+        xv, xa, sv, sa = block_points(tv, ta, sig, g, ctx.cfg.distill.ode_clean_context)
         with torch.no_grad():
             emb, mask = self.teacher.text_encoder([str(c) for c in batch["caption"]])
         vel_v, vel_a = net(xv, xa, sv.to(ctx.dtype), sa.to(ctx.dtype), emb.to(ctx.dtype), mask)

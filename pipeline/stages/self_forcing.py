@@ -178,8 +178,6 @@ class SelfForcingStage:
         k = len(ctx.cfg.distill.student_sigmas)
         if exit_step < 0:
             exit_step = int(torch.randint(0, k, (1,), generator=g))
-            if ctx.cfg.distill.exit_steps:
-                exit_step = ctx.cfg.distill.exit_steps[exit_step % len(ctx.cfg.distill.exit_steps)]
         with torch.no_grad():
             xv, xa = self._sample(inp, g, exit_step)
         xtv, xta, sv, sa, nv, na = self._noised(xv, xa, inp, g, ctx)
@@ -238,8 +236,6 @@ class SelfForcingStage:
         # One exit step per rollout, the same on every rank (no rank in the seed).
         ge = torch.Generator().manual_seed(ctx.cfg.train.seed * 1_000_003 + step)
         exit_step = int(torch.randint(0, len(d.student_sigmas), (1,), generator=ge))
-        if d.exit_steps:
-            exit_step = d.exit_steps[exit_step % len(d.exit_steps)]
         norms = bool(d.grad_norm_every) and step % d.grad_norm_every == 0
         out = self.generator_update(inp, ctx.generator(step, 0, purpose=2), exit_step, ctx, norms)
         for ema in self._emas.values():
