@@ -79,7 +79,9 @@ def run(args: argparse.Namespace, teacher: str, sinks: int | None) -> dict[str, 
     ctx = WorkerContext(cfg, 0, 1, torch.device("cpu"), torch.float32)
     torch.manual_seed(args.seed)
     stage = SelfForcingStage()
-    stage.build(ctx, lambda net, lr=None: LocalEngine(net, lr or args.lr, cfg.train.clip_grad))
+    stage.build(
+        ctx, lambda net, lr=None, per_step=1: LocalEngine(net, lr or args.lr, cfg.train.clip_grad)
+    )
     rows = random_rows(cfg)
     hist: dict[str, list[float]] = {}
     t0 = time.perf_counter()

@@ -95,8 +95,12 @@ def lr_multiplier(step: int, cfg: JobConfig) -> float:
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_engine(net: nn.Module, cfg: JobConfig, lr: float | None = None) -> Any:
-    """deepspeed.initialize on `net`; returns the engine (optimizer + LR scheduler inside)."""
+def make_engine(
+    net: nn.Module, cfg: JobConfig, lr: float | None = None, updates_per_step: int = 1
+) -> Any:
+    """deepspeed.initialize on `net`; returns the engine (optimizer + LR scheduler inside).
+    `updates_per_step`: optimizer steps per training step (the critic's TTUR updates), so its
+    warm-up and cosine span the run's `train.steps` training steps, not a fifth of them."""
     import warnings
 
     import deepspeed
@@ -111,7 +115,7 @@ def make_engine(net: nn.Module, cfg: JobConfig, lr: float | None = None) -> Any:
         # A plain function, not a callable object: LambdaLR.state_dict() would otherwise save the
         # object's __dict__ (the config) into the checkpoint and a resume would restore the *old*
         # horizon. The schedule is a pure function of the current config and the restored step.
-        return lr_multiplier(step, cfg)
+        return lr_multiplier(step // updates_per_step, cfg)
 
     if hasattr(net, "grad_checkpointing"):  # AVDiT: recompute each layer in backward
         net.grad_checkpointing = cfg.train.gradient_checkpointing
@@ -157,8 +161,11 @@ class TorchEngine:
 
     plain = True  # stages read gradients off the parameters (no ZeRO partitions)
 
-    def __init__(self, net: nn.Module, cfg: JobConfig, lr: float | None = None) -> None:
-        """`lr`: this engine's peak rate (the critic's `distill.critic_lr`), else `train.lr`."""
+    def __init__(
+        self, net: nn.Module, cfg: JobConfig, lr: float | None = None, updates_per_step: int = 1
+    ) -> None:
+        """`lr`: this engine's peak rate (the critic's `distill.critic_lr`), else `train.lr`;
+        `updates_per_step` as in `make_engine`."""
         t = cfg.train
         self.module, self.cfg, self.accum, self.clip = net, cfg, t.grad_accum, t.clip_grad
         params = [p for p in net.parameters() if p.requires_grad]
@@ -174,7 +181,7 @@ class TorchEngine:
         # pipeline.single replaces self.cfg once it has measured the step rate (a new horizon),
         # so the multiplier reads self.cfg at every call.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_multiplier(s, self.cfg)
+            self.optimizer, lambda s: lr_multiplier(s // updates_per_step, self.cfg)
         )
         self.micro, self.grad_norm = 0, 0.0
 

@@ -64,8 +64,8 @@ def distill(
     ctx = WorkerContext(cfg, 0, 1, dev, torch.float32)
     stage, engines = SelfForcingStage(), []
 
-    def make(net: torch.nn.Module, lr: float | None = None) -> TorchEngine:
-        engines.append(TorchEngine(net.to(dev), cfg, lr))
+    def make(net: torch.nn.Module, lr: float | None = None, per_step: int = 1) -> TorchEngine:
+        engines.append(TorchEngine(net.to(dev), cfg, lr, per_step))
         return engines[-1]
 
     stage.build(ctx, make)

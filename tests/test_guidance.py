@@ -159,7 +159,7 @@ def test_self_forcing_local_real_score_follows_the_guide(tmp_path, distill_ctx):
         cfg = distill_config(tmp_path / name)
         ctx = distill_ctx(cfg)
         stage = SelfForcingStage()
-        stage.build(ctx, lambda net, lr=None: PlainEngine(net, lr or 1e-3))
+        stage.build(ctx, lambda net, lr=None, per_step=1: PlainEngine(net, lr or 1e-3))
         batch = make_batch(cfg, 2)
         inp = stage.inputs(batch, ctx)
         xv, xa, captions, _ = roles.batch_latents(batch, ctx.device, ctx.dtype)

@@ -54,7 +54,7 @@ def _stage(cfg, extra=None, rank: int = 0) -> tuple[SelfForcingStage, WorkerCont
     ctx = WorkerContext(cfg, rank, 2, torch.device("cpu"), torch.float32, dict(extra or {}))
     torch.manual_seed(cfg.train.seed)  # as the trainer does: fresh sinks are seeded
     stage = SelfForcingStage()
-    stage.build(ctx, lambda net, lr=None: PlainEngine(net, lr or 1e-3))
+    stage.build(ctx, lambda net, lr=None, per_step=1: PlainEngine(net, lr or 1e-3))
     return stage, ctx
 
 

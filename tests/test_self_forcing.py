@@ -37,7 +37,7 @@ class Spy:
 def _stage(cfg, ctx) -> SelfForcingStage:
     torch.manual_seed(cfg.train.seed)  # as the trainer does: fresh sinks are seeded
     stage = SelfForcingStage()
-    stage.build(ctx, lambda net, lr=None: PlainEngine(net, lr or 1e-3))
+    stage.build(ctx, lambda net, lr=None, per_step=1: PlainEngine(net, lr or 1e-3))
     return stage
 
 
@@ -83,6 +83,30 @@ def test_last_block_scope_keeps_earlier_frames_clean() -> None:
     assert (sv[1, 4:] == 0.9).all() and (sa[0, 26:] == 0.4).all()
     sv, _ = noise_levels(torch.tensor([0.4, 0.9]), 7, 51, last=None)
     assert (sv[0] == 0.4).all()
+
+
+def test_critic_schedule_runs_on_training_steps(tiny_teacher_dir: Path, distill_ctx) -> None:
+    """The critic steps `critic_updates_per_generator` times per training step; its warm-up and
+    cosine still span the run's training steps (at its own peak rate), so after every step its
+    rate is the student's times critic_lr / lr — not a warm-up 3× as short and a cosine ending at
+    a third of the run, as when its scheduler counted its own updates."""
+    from pipeline.parallelize import TorchEngine
+
+    train = {"lr": 1e-3, "warmup_steps": 3, "steps": 8, "schedule": "cosine"}
+    distill = {"critic_updates_per_generator": 3, "critic_lr": 2e-3}
+    cfg = distill_config(tiny_teacher_dir, train=train, distill=distill)
+    ctx = distill_ctx(cfg)
+    torch.manual_seed(0)
+    stage = SelfForcingStage()
+    stage.build(ctx, lambda net, lr=None, per_step=1: TorchEngine(net, cfg, lr, per_step))
+    batch = make_batch(cfg)
+    rates = []
+    for step in range(6):
+        stage.train_step(step, lambda: batch, ctx)
+        student, critic = stage.engine.get_lr()[0], stage.critic.get_lr()[0]
+        assert critic == pytest.approx(2 * student, rel=1e-9), step
+        rates.append(student)
+    assert rates[1] > rates[0] and rates[-1] < max(rates)  # warm-up, then the cosine
 
 
 @pytest.mark.parametrize("scope", ["last_block", "every_block"])

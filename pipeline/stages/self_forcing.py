@@ -67,16 +67,17 @@ class SelfForcingStage:
         return real_score_pool(cfg)
 
     def setup(self, ctx: WorkerContext) -> None:
-        def make(net: AVDiT, lr: float | None = None) -> Any:
+        def make(net: AVDiT, lr: float | None = None, updates_per_step: int = 1) -> Any:
             # A ZeRO-3 network is already partitioned on its device (sharded.build_role).
-            return make_engine(
-                net if sharded.is_partitioned(net) else net.to(ctx.device), ctx.cfg, lr
-            )
+            net = net if sharded.is_partitioned(net) else net.to(ctx.device)
+            return make_engine(net, ctx.cfg, lr, updates_per_step)
 
         self.build(ctx, make, zero3=ctx.cfg.train.zero_stage == 3)
 
     def build(self, ctx: WorkerContext, make: Callable[..., Any], zero3: bool = False) -> None:
-        """Networks from the `distill` role entries; `make(net, lr)` wraps one in an engine.
+        """Networks from the `distill` role entries; `make(net, lr, updates_per_step)` wraps one
+        in an engine (the critic steps `critic_updates_per_generator` times per training step:
+        its LR schedule runs on training steps, else its cosine would end at a fifth of the run).
 
         The teacher's DiT is read straight onto this worker's device in the compute dtype (never
         a full fp32 copy on the host). `zero3`: the student and critic are built partitioned
@@ -107,7 +108,7 @@ class SelfForcingStage:
             if self.teacher.guide is not None:
                 self.teacher.guide.model.to("meta")
         self.engine = make(student)
-        self.critic = make(critic, d.critic_lr)
+        self.critic = make(critic, d.critic_lr, d.critic_updates_per_generator)
         ema = cfg.train.ema
         self._emas = (
             {"student": Ema(self.engine.module, ema.decay, ema.offload)} if ema.enabled else {}
