@@ -209,11 +209,12 @@ def _checkpoint(
     step: int,
     start: float,
     prefix: Path,
+    role: str = "teacher",
 ) -> None:
-    """EMA (else live) weights + the record so far, at `prefix` (see `_save`)."""
+    """`role`'s EMA (else live) weights + the record so far, at `prefix` (see `_save`)."""
     from pipeline.parallelize import gather_full
 
-    ema = stage.emas().get("teacher")
+    ema = stage.emas().get(role)
     state = gather_full(stage.engine.module, ema.state() if ema else None)
     wall = time.time() - start
     info = {"config": cfg.to_dict(), "steps": step, "wall_s": round(wall, 1)}

@@ -29,7 +29,7 @@ import torch
 
 from pipeline.config import JobConfig, load_config, validate
 from pipeline.parallelize import TorchEngine
-from pipeline.single_record import load_weights, save_weights
+from pipeline.single_record import load_weights
 from pipeline.stages import WorkerContext
 
 
@@ -119,15 +119,10 @@ def _snapshot(
     out: Path,
 ) -> Path:
     """The student's EMA (else live) weights and the record so far at out/student-step-N."""
-    from pipeline.parallelize import gather_full
+    from pipeline.single import _checkpoint
 
-    ema = stage.emas().get("student")
-    state = gather_full(stage.engine.module, ema.state() if ema else None)
     prefix = out / f"student-step-{step:06d}"
-    wall = time.time() - start
-    info = {"config": cfg.to_dict(), "steps": step, "wall_s": round(wall, 1)}
-    save_weights(state, record | info | {"metrics": history}, prefix)
-    print(f"saved step {step} ({wall / 60:.1f} min) at {prefix}", flush=True)
+    _checkpoint(stage, cfg, record, history, step, start, prefix, role="student")
     return prefix
 
 
