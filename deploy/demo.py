@@ -51,6 +51,16 @@ def demo(
         float,
         typer.Option(min=0.0, help="Self-Forcing's learning rate (the ODE stage's: train.lr)."),
     ] = 1e-4,
+    sf_batch: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Self-Forcing clips per worker (the ODE stage's: data.batch_size)."
+        ),
+    ] = None,
+    sf_scope: Annotated[
+        str | None,
+        typer.Option(help="Self-Forcing's distill.loss_scope: every_block | last_block."),
+    ] = None,
     sf_evals: Annotated[
         int,
         typer.Option(
@@ -92,7 +102,7 @@ def demo(
         teacher_dir = roles.bundle_uri(teacher)  # `shipped` → the packaged demo teacher
         tb = roles.load_bundle_ref(teacher_dir, "--teacher")
         prepare_data(root, clips, cfg.data.seconds + 1 / 24, tb, cfg.train.seed)
-        sf = {"lr": sf_lr, "evals": sf_evals}
+        sf = {"lr": sf_lr, "evals": sf_evals, "batch": sf_batch, "scope": sf_scope}
         runs = distill(cfg, teacher_dir, ode_steps, sf_steps, sf)
         step("promote the student")
         promoted = promote(

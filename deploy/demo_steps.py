@@ -80,7 +80,7 @@ def distill(
     cfg: Any, teacher_ref: str, ode_steps: int, sf_steps: int, sf: dict[str, Any] | None = None
 ) -> dict[str, str]:
     """Run `ode` then `self-forcing` (initialised from the ODE student) under one parent run;
-    `sf`: `stage_config`'s Self-Forcing options (lr, evals, eval_clips)."""
+    `sf`: `stage_config`'s Self-Forcing options (lr, batch, scope, evals, eval_clips)."""
     from pipeline import tracking
     from pipeline.commands import progress_from_mlflow
     from pipeline.config import validate
@@ -111,10 +111,13 @@ def stage_config(
     lr: float | None = None,
     evals: int = 0,
     eval_clips: int = 8,
+    batch: int | None = None,
+    scope: str | None = None,
 ) -> dict[str, Any]:
     """The demo's config of one distillation stage: `steps` optimizer steps, warm-up capped at a
     tenth of them. Self-Forcing: the student initialised from the ODE run, at `lr` (critic too,
-    unless the config sets `distill.critic_lr`), and — unless the config already schedules
+    unless the config sets `distill.critic_lr`), `batch` clips per worker, `distill.loss_scope`
+    `scope` (None: the config's), and — unless the config already schedules
     `train.fidelity` — evaluated on `eval_clips` fixed prompts at its start and `evals` times
     after, so `promote` registers the best of those (the start included: a Self-Forcing stage
     that only makes its student worse promotes the ODE student it began from)."""
@@ -127,6 +130,10 @@ def stage_config(
         d["distill"]["student"]["init_from"] = ode_run
         if lr is not None:
             d["train"]["lr"] = lr
+        if batch is not None:
+            d["data"]["batch_size"] = batch
+        if scope is not None:
+            d["distill"]["loss_scope"] = scope
         fid = d["train"].setdefault("fidelity", {})
         if evals and not fid.get("every"):
             # The demo compares teacher and student at its end: no teacher line here (saves

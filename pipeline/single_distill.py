@@ -40,9 +40,12 @@ def distill(
     out: Path,
     device: str,
     snapshots: int = 2,
+    every: int = 0,
 ) -> list[Path]:
     """Self-Forcing until `minutes` have passed (or `train.steps` are done); the cosine horizon
-    is set from the step rate measured over steps 5–25. Returns the snapshot prefixes."""
+    is set from the step rate measured over steps 5–25. `snapshots` are spread evenly over the
+    budget; `every` > 0 also saves one each `every` steps (a curve by step, not by minute).
+    Returns the snapshot prefixes."""
     from pipeline.single import RandomBatches, with_steps
     from pipeline.stages.self_forcing import SelfForcingStage
 
@@ -50,6 +53,8 @@ def distill(
         raise ValueError(f"--snapshots {snapshots}: at least 1 (the last is taken at the end)")
     if minutes <= 0:
         raise ValueError(f"--minutes {minutes}: a budget must be positive")
+    if every < 0:
+        raise ValueError(f"--every {every}: a step count, 0 for none")
     if cfg.distill.real_score != "local" or cfg.train.zero_stage == 3:
         raise ValueError(
             f"distill.real_score={cfg.distill.real_score}, train.zero_stage="
@@ -80,7 +85,7 @@ def distill(
     # stay under the 16 MiB a lease returns (pipeline.single_record.save_weights counts it).
     history: list[dict[str, float]] = []
     prefixes: list[Path] = []
-    step, t_probe, saved = 0, 0.0, -1
+    step, t_probe, saved, timed = 0, 0.0, -1, 0
     while step < cfg.train.steps and time.time() < deadline:
         metrics = stage.train_step(step, batches, ctx)
         step += 1
@@ -98,8 +103,9 @@ def distill(
         if step % 10 == 0 or step <= 10:
             history.append({"step": step, **metrics})
             print(json.dumps({"step": step, **{k: round(v, 4) for k, v in metrics.items()}}))
-        due = start + (deadline - start) * (len(prefixes) + 1) / snapshots
-        if time.time() >= due or step >= cfg.train.steps:
+        is_due = time.time() >= start + (deadline - start) * (timed + 1) / snapshots
+        timed += is_due
+        if is_due or step >= cfg.train.steps or (every and step % every == 0):
             prefixes.append(_snapshot(stage, cfg, record, history, step, start, out))
             saved = step
     if saved != step:
@@ -161,6 +167,7 @@ def add_parsers(sub: Any) -> None:
     d.add_argument("--out", type=Path, required=True)
     d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     d.add_argument("--snapshots", type=int, default=2, help="student weights saved, evenly")
+    d.add_argument("--every", type=int, default=0, help="also save every N steps (0: no)")
     e = sub.add_parser("export-student", help="a `distill` snapshot → a causal student Bundle")
     e.add_argument("--weights", type=Path, required=True, help="<out>/student-step-N")
     e.add_argument("--out", type=Path, required=True)
@@ -169,6 +176,6 @@ def add_parsers(sub: Any) -> None:
 def run(a: argparse.Namespace) -> None:
     if a.cmd == "distill":
         cfg = load_config(a.config, a.overrides)
-        distill(cfg, a.latents, a.minutes, a.out, a.device, a.snapshots)
+        distill(cfg, a.latents, a.minutes, a.out, a.device, a.snapshots, a.every)
     else:
         print(export_student(a.weights, a.out))

@@ -128,3 +128,22 @@ def test_self_forcing_stage_is_evaluated_from_its_start_and_keeps_the_config_sch
     base["train"]["fidelity"] = {"every": 5, "clips": 2}
     own = validate(stage_config(base, "self-forcing", 24, "abc", evals=4)).train.fidelity
     assert (own.every, own.clips, own.teacher) == (5, 2, True)
+
+
+def test_self_forcing_batch_and_scope_apply_to_that_stage_only():
+    """`--sf-batch` / `--sf-scope` set the Self-Forcing stage's per-worker batch and loss scope;
+    the ODE stage keeps the config's batch, and a bad scope is named by its config key."""
+    from pathlib import Path
+
+    import pytest
+
+    from deploy.demo_steps import stage_config
+    from pipeline.config import load_config, validate
+
+    base = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").to_dict()
+    sf = validate(stage_config(base, "self-forcing", 64, "abc", batch=1, scope="every_block"))
+    ode = validate(stage_config(base, "ode", 150, batch=1, scope="every_block"))
+    assert (sf.data.batch_size, sf.distill.loss_scope) == (1, "every_block")
+    assert ode.data.batch_size == base["data"]["batch_size"] == 4
+    with pytest.raises(ValueError, match="distill.loss_scope"):
+        validate(stage_config(base, "self-forcing", 64, "abc", scope="all_blocks"))
